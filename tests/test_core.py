@@ -1,0 +1,223 @@
+"""The packet core on crafted bytes: no sockets, no TUN, no root."""
+
+from ipaddress import ip_network
+
+import pytest
+
+from tests.ipcraft import icmp_echo, ipv4, ipv6
+from tunvpnd import packet as ip
+from tunvpnd.core import Core
+from tunvpnd.peers import Peer, PeerTable
+from tunvpnd.wire import PlainWire
+
+HOSTU = ("10.9.0.5", 40000)
+HOSTU2 = ("10.9.0.6", 40001)
+
+
+def server(*peers: Peer, learn=("192.168.53.0/24",)) -> Core:
+    table = PeerTable()
+    for peer in peers:
+        table.add(peer)
+    core = Core(table, PlainWire(), learn_within=[ip_network(n) for n in learn],
+                echo_keepalives=True)
+    core.now = 100.0
+    return core
+
+
+def mv(data: bytes) -> memoryview:
+    return memoryview(data)
+
+
+# -- packet validation ------------------------------------------------------------------------
+
+def test_valid_ipv4_and_ipv6():
+    assert ip.valid(mv(icmp_echo("192.168.53.99", "192.168.60.5"))) == 4
+    assert ip.valid(mv(ipv6("fd00::2", "fd00::1", b"hello"))) == 6
+
+
+@pytest.mark.parametrize("data", [
+    b"",
+    b"\x45" * 19,                                          # shorter than a header
+    icmp_echo("1.2.3.4", "5.6.7.8")[:-1],                  # truncated: length field too big
+    icmp_echo("1.2.3.4", "5.6.7.8") + b"junk",             # trailing bytes
+    b"\x44" + icmp_echo("1.2.3.4", "5.6.7.8")[1:],         # IHL 4 (< 20 bytes)
+    b"\x4f" + ipv4("1.2.3.4", "5.6.7.8")[1:],              # IHL 15 > packet
+    ipv6("fd00::2", "fd00::1", b"abc")[:39],               # IPv6 header cut short
+    ipv6("fd00::2", "fd00::1", b"abc") + b"x",             # IPv6 payload length wrong
+    b"\x00" * 60,                                          # version 0
+    bytes(range(256)) * 4,                                 # garbage
+])
+def test_malformed_is_not_valid(data):
+    assert ip.valid(mv(data)) == 0
+
+
+def test_addresses_as_integers():
+    packet = mv(ipv4("192.168.53.99", "192.168.60.5"))
+    assert ip.source(packet, 4) == 0xC0A83563
+    assert ip.destination(packet, 4) == 0xC0A83C05
+    assert ip.describe(packet) == "192.168.53.99 --> 192.168.60.5"
+    assert ip.describe(mv(ipv6("fd00::2", "fd00::1"))) == "fd00::2 --> fd00::1"
+
+
+# -- server: learning, routing, drops ---------------------------------------------------------
+
+def test_server_learns_client_then_routes_replies_to_it():
+    core = server()
+    request = icmp_echo("192.168.53.99", "192.168.60.5")
+    assert bytes(core.inbound(mv(request), HOSTU)) == request
+    reply = icmp_echo("192.168.60.5", "192.168.53.99")
+    payload, endpoint = core.outbound(mv(reply))
+    assert bytes(payload) == reply and endpoint == HOSTU
+    c = core.counters
+    assert (c.rx_packets, c.rx_bytes, c.tx_packets, c.tx_bytes) == (1, 60, 1, 60)
+    assert c.dropped == 0
+
+
+def test_packet_from_tun_before_any_client_is_dropped_not_fatal():
+    core = server()
+    assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.99"))) is None
+    assert core.counters.no_peer == 1
+
+
+def test_two_clients_each_get_their_own_replies():
+    core = server()
+    core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), HOSTU)
+    core.inbound(mv(icmp_echo("192.168.53.98", "192.168.60.5")), HOSTU2)
+    assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.99")))[1] == HOSTU
+    assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.98")))[1] == HOSTU2
+    assert len(core.peers) == 2
+
+
+def test_learning_only_within_tunnel_networks():
+    core = server()
+    assert core.inbound(mv(icmp_echo("192.168.60.7", "192.168.60.5")), HOSTU) is None
+    assert core.counters.unknown_source == 1 and len(core.peers) == 0
+
+
+def test_no_learning_without_networks_drops_unknown_source():
+    core = server(learn=())
+    assert core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), HOSTU) is None
+    assert core.counters.unknown_source == 1
+
+
+def test_nat_rebinding_is_followed():
+    core = server()
+    core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), HOSTU)
+    moved = ("10.9.0.5", 50123)
+    core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), moved)
+    assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.99")))[1] == moved
+    assert core.peers.by_endpoint.get(moved) is not None and HOSTU not in core.peers.by_endpoint
+
+
+def test_learned_peers_expire():
+    core = server()
+    core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), HOSTU)
+    core.now = 150.0
+    core.inbound(mv(icmp_echo("192.168.53.98", "192.168.60.5")), HOSTU2)
+    gone = core.peers.expire(older_than=120.0)
+    assert [p.endpoint for p in gone] == [HOSTU]
+    assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.99"))) is None
+    assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.98")))[1] == HOSTU2
+
+
+def test_garbage_and_truncated_datagrams_are_counted():
+    core = server()
+    for data in (b"\xff" * 100, icmp_echo("192.168.53.99", "192.168.60.5")[:30], b"\x45"):
+        assert core.inbound(mv(data), HOSTU) is None
+    assert core.counters.malformed == 3 and core.counters.rx_packets == 0
+
+
+# -- configured peers: allowed_ips and pinned endpoints ---------------------------------------
+
+def configured() -> Core:
+    hostu = Peer("hostu", [ip_network("192.168.53.99/32")], pinned=("10.9.0.5", None))
+    lan = Peer("branch", [ip_network("192.168.53.0/24"), ip_network("fd00:53::/64")])
+    return server(hostu, lan, learn=())
+
+
+def test_longest_prefix_wins():
+    core = configured()
+    core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), HOSTU)
+    core.inbound(mv(icmp_echo("192.168.53.7", "192.168.60.5")), HOSTU2)
+    assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.99")))[1] == HOSTU
+    assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.7")))[1] == HOSTU2
+
+
+def test_ipv6_inside_the_tunnel():
+    core = configured()
+    assert core.inbound(mv(ipv6("fd00:53::2", "fd00:60::5", b"ping")), HOSTU2) is not None
+    assert core.outbound(mv(ipv6("fd00:60::5", "fd00:53::2", b"pong")))[1] == HOSTU2
+    assert core.outbound(mv(ipv6("fd00:60::5", "fd00:99::2", b"pong"))) is None
+
+
+def test_spoofed_inner_source_is_dropped():
+    core = configured()
+    assert core.inbound(mv(icmp_echo("10.1.1.1", "192.168.60.5")), HOSTU) is None
+    assert core.counters.unknown_source == 1
+
+
+def test_pinned_endpoint_rejects_other_addresses_any_port_accepted():
+    core = configured()
+    assert core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), HOSTU2) is None
+    assert core.counters.bad_endpoint == 1
+    assert core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), ("10.9.0.5", 1)) \
+        is not None
+    assert core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")),
+                        ("::ffff:10.9.0.5", 2, 0, 0)) is not None  # dual-stack socket spelling
+
+
+def test_pinned_port():
+    peer = Peer("p", [ip_network("192.168.53.99/32")], pinned=("10.9.0.5", 9999))
+    assert peer.accepts_endpoint(("10.9.0.5", 9999))
+    assert not peer.accepts_endpoint(("10.9.0.5", 9998))
+
+
+def test_configured_peer_without_endpoint_yet():
+    core = configured()
+    assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.99"))) is None
+    assert core.counters.no_endpoint == 1
+
+
+# -- keepalives -------------------------------------------------------------------------------
+
+def test_keepalive_from_known_peer_is_answered():
+    core = server()
+    core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), HOSTU)
+    core.now = 130.0
+    assert core.inbound(mv(b""), HOSTU) is None
+    assert core.reply == (b"", HOSTU)
+    assert core.counters.keepalives == 1
+    assert core.peers.lookup(4, 0xC0A83563).last_rx == 130.0
+
+
+def test_keepalive_from_stranger_is_dropped():
+    core = server()
+    assert core.inbound(mv(b""), HOSTU) is None
+    assert core.reply is None and core.counters.unknown_source == 1
+
+
+def test_client_keepalives_only_when_idle():
+    table = PeerTable()
+    srv = Peer("server", [ip_network("0.0.0.0/0"), ip_network("::/0")])
+    table.add(srv)
+    table.move(srv, ("10.9.0.11", 9090))
+    core = Core(table, PlainWire())
+    core.now = 10.0
+    assert core.keepalives_due(25) == []  # 10 s since start: not idle long enough
+    core.now = 30.0
+    assert core.keepalives_due(25) == [(b"", ("10.9.0.11", 9090))]
+    core.now = 40.0
+    core.outbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")))
+    core.now = 60.0
+    assert core.keepalives_due(25) == []
+
+
+def test_client_sends_everything_to_the_server():
+    table = PeerTable()
+    srv = Peer("server", [ip_network("0.0.0.0/0"), ip_network("::/0")])
+    table.add(srv)
+    core = Core(table, PlainWire())
+    assert core.outbound(mv(icmp_echo("192.168.53.99", "192.168.60.5"))) is None  # unresolved
+    table.move(srv, ("10.9.0.11", 9090))
+    assert core.outbound(mv(icmp_echo("192.168.53.99", "8.8.8.8")))[1] == ("10.9.0.11", 9090)
+    assert core.outbound(mv(ipv6("fd00::2", "2001:db8::1")))[1] == ("10.9.0.11", 9090)

@@ -1,0 +1,81 @@
+"""Command line: `tunvpnd run|check PROFILE`, `tunvpnd lab up|demo|down`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+EX_CONFIG = 78  # sysexits.h: the unit's RestartPreventExitStatus= keeps a bad profile from looping
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tunvpnd", description="A small UDP VPN daemon.")
+    parser.add_argument("--version", action="version", version=f"tunvpnd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("run", "run in the foreground"), ("check", "validate a profile")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("profile", help="a .yaml path, or an instance name NAME for "
+                             "CONFIG_DIR/NAME.yaml")
+        command.add_argument("--config-dir", help="where instance names are looked up "
+                             "(default: $TUNVPN_CONFIG_DIR or /etc/tunvpn)")
+    lab = commands.add_parser("lab", help="the SEED lab topology in network namespaces")
+    lab.add_argument("action", choices=("up", "demo", "down"))
+    lab.add_argument("--prefix", default="tvlab", help="namespace name prefix (default tvlab)")
+    args = parser.parse_args(argv)
+
+    if args.command == "lab":
+        from . import lab as lab_module
+
+        action = {"up": lab_module.lab_up, "demo": lab_module.lab_demo,
+                  "down": lab_module.lab_down}[args.action]
+        return action(args.prefix)
+    return run_or_check(args.command, args.profile, args.config_dir)
+
+
+def run_or_check(command: str, name: str, config_dir: str | None) -> int:
+    from .logs import setup_logging
+    from .profile import ProfileError, load_profile, resolve_profile
+
+    try:
+        profile = load_profile(resolve_profile(name, config_dir))
+    except ProfileError as error:
+        setup_logging()
+        for problem in error.problems:
+            _error(problem)
+        _error(f"{len(error.problems)} problem(s) found: not starting" if command == "run"
+               else f"{len(error.problems)} problem(s) found")
+        return EX_CONFIG
+    if command == "check":
+        print(summary(profile))
+        return 0
+    setup_logging(profile.log_level)
+    from .service import Daemon
+
+    return Daemon(profile).run()
+
+
+def _error(text: str) -> None:
+    import logging
+
+    logging.getLogger("tunvpnd").error("%s", text)
+
+
+def summary(profile) -> str:
+    """One line that says what the profile will do."""
+    addresses = " ".join(map(str, profile.addresses))
+    if profile.mode == "client":
+        host, port = profile.server
+        peer = f"server {'[' + host + ']' if ':' in host else host}:{port}"
+    else:
+        host, port = profile.listen
+        peer = f"listen {'[' + host + ']' if ':' in host else host}:{port}, " + (
+            f"{len(profile.peers)} peers" if profile.peers else "learning peers")
+    routes = f"{len(profile.routes)} route{'s' if len(profile.routes) != 1 else ''}"
+    return (f"{profile.path}: OK: {profile.mode} {profile.ifname} {addresses} mtu {profile.mtu}, "
+            f"{peer}, {routes}" + (", forwarding" if profile.forward else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The packet-handling core: every forwarding decision, and the counters, with no I/O.
+
+In: a packet read from the TUN, or a datagram and its source address from the socket.
+Out: (payload, endpoint) to send, or the packet to write to the TUN, or None for a drop, which
+is counted by reason. The loop does the system calls; this module is unit-tested on plain bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from . import packet as ip
+from .peers import IPNetwork, Peer, PeerTable, host_network
+from .wire import Wire
+
+DROP_REASONS = (
+    "malformed",       # from outside: not exactly one IPv4/IPv6 packet
+    "unknown_source",  # inner source belongs to no peer (and may not be learned)
+    "bad_endpoint",    # a peer's datagram from an address other than its pinned endpoint
+    "no_peer",         # from the TUN: no peer's allowed IPs hold the destination
+    "no_endpoint",     # the peer is known but has not told us where it is yet
+    "send_failed",     # socket buffer full or the network said no
+    "tun_failed",      # the kernel refused the packet
+)
+
+
+class Counters:
+    __slots__ = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "keepalives", *DROP_REASONS)
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    @property
+    def dropped(self) -> int:
+        return sum(getattr(self, reason) for reason in DROP_REASONS)
+
+    def drops(self) -> dict[str, int]:
+        return {reason: getattr(self, reason) for reason in DROP_REASONS if getattr(self, reason)}
+
+
+class Core:
+    """Decides where each packet goes.
+
+    `rx`/`tx` are seen from the tunnel: rx is what arrives from peers (datagrams in, written to
+    the TUN), tx what is sent to peers.
+    """
+
+    def __init__(
+        self,
+        peers: PeerTable,
+        wire: Wire,
+        learn_within: Iterable[IPNetwork] = (),
+        echo_keepalives: bool = False,
+        log_packet: Callable[[str, memoryview], None] | None = None,
+    ) -> None:
+        self.peers = peers
+        self.wire = wire
+        self.counters = Counters()
+        self.echo_keepalives = echo_keepalives
+        self.log_packet = log_packet
+        self.now = 0.0  # set by the loop once per wake-up, not per packet
+        self.reply: tuple[bytes, tuple] | None = None  # a keepalive to answer, for the loop
+        self.set_learning(learn_within)
+
+    def set_learning(self, networks: Iterable[IPNetwork]) -> None:
+        """Learn peers from datagrams whose inner source lies in `networks` (empty: never)."""
+        self._learnable = PeerTable()
+        for network in networks:
+            self._learnable.add(Peer("learnable", [network]))
+        self.learning = len(self._learnable) > 0
+
+    def outbound(self, packet: memoryview) -> tuple[memoryview | bytes, tuple] | None:
+        """A packet read from the TUN: (datagram payload, endpoint) or None if dropped."""
+        version = ip.version_of(packet)
+        peer = self.peers.lookup(version, ip.destination(packet, version)) if version else None
+        counters = self.counters
+        if peer is None:
+            counters.no_peer += 1
+            return None
+        if peer.endpoint is None:
+            counters.no_endpoint += 1
+            return None
+        n = len(packet)
+        counters.tx_packets += 1
+        counters.tx_bytes += n
+        peer.tx_packets += 1
+        peer.tx_bytes += n
+        peer.last_tx = self.now
+        if self.log_packet is not None:
+            self.log_packet("From tun ==>", packet)
+        return self.wire.seal(packet, peer), peer.endpoint
+
+    def inbound(self, datagram: memoryview, source: tuple) -> memoryview | None:
+        """A datagram from `source`: the packet to write to the TUN, or None.
+
+        None also for a keepalive; if it deserves an answer, `self.reply` says what and where.
+        """
+        counters = self.counters
+        opened = self.wire.open(datagram, source)
+        if opened is None:
+            counters.malformed += 1
+            return None
+        peer, packet = opened
+        if not packet:
+            self._keepalive(peer, source)
+            return None
+        version = ip.valid(packet)
+        if not version:
+            counters.malformed += 1
+            return None
+        if peer is None:
+            peer = self._sender(version, ip.source(packet, version), source)
+            if peer is None:
+                return None
+        n = len(packet)
+        counters.rx_packets += 1
+        counters.rx_bytes += n
+        peer.rx_packets += 1
+        peer.rx_bytes += n
+        peer.last_rx = self.now
+        if self.log_packet is not None:
+            self.log_packet("From socket <==", packet)
+        return packet
+
+    def _sender(self, version: int, address: int, source: tuple) -> Peer | None:
+        """The peer a datagram with this inner source comes from, learning or following it."""
+        peer = self.peers.lookup(version, address)
+        if peer is None:
+            if not self.learning or self._learnable.lookup(version, address) is None:
+                self.counters.unknown_source += 1
+                return None
+            peer = Peer(f"learned-{host_network(version, address)}",
+                        [host_network(version, address)], learned=True)
+            self.peers.add(peer)
+        if peer.endpoint != source:
+            if not peer.accepts_endpoint(source):
+                self.counters.bad_endpoint += 1
+                return None
+            self.peers.move(peer, source)  # first contact, or the client's NAT rebound it
+        return peer
+
+    def _keepalive(self, peer: Peer | None, source: tuple) -> None:
+        peer = peer or self.peers.by_endpoint.get(source)
+        if peer is None:
+            self.counters.unknown_source += 1
+            return
+        self.counters.keepalives += 1
+        peer.last_rx = self.now
+        if self.echo_keepalives:
+            self.reply = (self.wire.keepalive(peer), source)
+
+    def keepalives_due(self, interval: float) -> list[tuple[bytes, tuple]]:
+        """Keepalives for peers we have sent nothing to for `interval` seconds."""
+        due = []
+        for peer in self.peers.peers:
+            if peer.endpoint is not None and self.now - peer.last_tx >= interval:
+                peer.last_tx = self.now
+                due.append((self.wire.keepalive(peer), peer.endpoint))
+        return due

@@ -1,0 +1,346 @@
+"""Service lifecycle: set up, tell systemd, forward, reload on SIGHUP, clean up on SIGTERM.
+
+The order matters to systemd: READY=1 only once the TUN is up with its addresses and routes,
+forwarding is on and the socket is bound, so units ordered after us find a working tunnel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from ipaddress import ip_network
+from pathlib import Path
+
+import sdnotify
+
+from . import transport
+from .core import Core, Counters
+from .logs import PacketLog, set_level
+from .loop import Forwarder
+from .netconf import NetConfig
+from .peers import Peer, PeerTable
+from .profile import Profile, ProfileError, load_profile
+from .tun import open_tun
+from .wire import PlainWire
+
+log = logging.getLogger("tunvpnd")
+
+TICK = 1.0            # seconds between timer checks (keepalives, expiry, watchdog at most this)
+STATUS_INTERVAL = 5.0
+EVERYWHERE = (ip_network("0.0.0.0/0"), ip_network("::/0"))
+
+
+def run_dir() -> Path:
+    """Where the crash-recovery state lives: systemd's RuntimeDirectory= when there is one."""
+    explicit = os.environ.get("TUNVPN_RUN_DIR") or os.environ.get("RUNTIME_DIRECTORY", "")
+    return Path(explicit.split(":")[0] or "/run/tunvpnd")
+
+
+class Daemon:
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.notifier = sdnotify.SystemdNotifier()
+        self.netconf: NetConfig | None = None
+        self.tun_fd = -1
+        self.sock = None
+        self.forwarder: Forwarder | None = None
+        self.server_peer: Peer | None = None
+        self._resolving: threading.Thread | None = None
+        self._resolved: tuple | None = None
+        self._resolve_error: str = ""
+        self._resolve_delay = 1.0
+        self._next_resolve = 0.0
+        self._silent_warned = False
+        self._connected_at = 0.0
+        self._next_status = self._next_watchdog = 0.0
+        self._watchdog = watchdog_interval()
+
+    # -- start and stop ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Set up, forward until SIGTERM/SIGINT, clean up. The exit code for the process."""
+        try:
+            self.start()
+        except Exception as error:  # noqa: BLE001 - any set-up failure: undo, report, exit 1
+            log.error("start failed: %s", error, exc_info=log.isEnabledFor(logging.DEBUG))
+            self.cleanup()
+            return 1
+        code = 0
+        try:
+            self.forwarder.run(self._wake_r, self._on_signal, self._on_tick)
+        except Exception:  # noqa: BLE001 - a bug must still leave the host as it was
+            log.exception("forwarding loop failed")
+            code = 1
+        self.notify("STOPPING=1", f"STATUS=stopping; {self.status()}")
+        self.cleanup()
+        log.info("stopped; %s", self.status())
+        return code
+
+    def start(self) -> None:
+        p = self.profile
+        state = run_dir() / f"{p.name}.state"
+        self.netconf = NetConfig(state)
+        for line in self.netconf.recover():
+            log.warning("undid what an earlier run left behind: %s", line)
+        self.tun_fd, self.ifname = open_tun(p.ifname)
+        self.ifindex = self.netconf.setup_interface(self.ifname, p.addresses, p.mtu)
+        self.netconf.sync_routes(self.ifindex, p.routes)
+        if p.forward:
+            self.netconf.enable_forwarding(self.ifindex)
+        self._signals()
+
+        peers = PeerTable()
+        if p.mode == "client":
+            family = transport.client_family(p.server[0])
+            self.sock = transport.open_udp("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+            self.server_peer = Peer("server", EVERYWHERE)
+            peers.add(self.server_peer)
+        else:
+            self.sock = transport.open_udp(*p.listen)
+            for peer in self._configured_peers(p):
+                peers.add(peer)
+        self.core = Core(peers, PlainWire(), echo_keepalives=p.mode == "server")
+        self.forwarder = Forwarder(self.tun_fd, self.sock, self.core)
+        self._apply_logging(p)
+        self._apply_learning(p)
+        if p.mode == "client":
+            self._start_resolving(time.monotonic())
+
+        where = transport.format_endpoint(self.sock.getsockname())
+        log.info("%s %s up: %s mtu %d, %s, socket %s", p.mode, self.ifname,
+                 " ".join(map(str, p.addresses)), p.mtu,
+                 f"routes {' '.join(map(str, p.routes))}" if p.routes else "no routes", where)
+        self.notify("READY=1", f"STATUS={self.status()}")
+
+    def cleanup(self) -> None:
+        """Put the host back as it was: routes, forwarding, TUN, socket, state file."""
+        if self.netconf is not None:
+            try:
+                self.netconf.restore()
+            except Exception as error:  # noqa: BLE001 - keep going: close what we can
+                log.error("could not restore network settings: %s", error)
+            self.netconf.close()
+            self.netconf = None
+        if self.tun_fd >= 0:
+            os.close(self.tun_fd)  # non-persistent: the kernel removes the TUN and its routes
+            self.tun_fd = -1
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def _signals(self) -> None:
+        # The C-level handler writes each signal number to this pipe, which wakes epoll; the
+        # Python handlers do nothing, the loop reads the numbers and acts between packets.
+        self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(number, lambda *_: None)
+
+    def _on_signal(self) -> None:
+        try:
+            numbers = os.read(self._wake_r, 64)
+        except BlockingIOError:
+            return
+        for number in numbers:
+            if number in (signal.SIGTERM, signal.SIGINT):
+                log.info("%s: stopping", signal.Signals(number).name)
+                self.forwarder.stop()
+            elif number == signal.SIGHUP:
+                self.reload()
+
+    # -- reload -----------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the profile and apply what changed without closing the TUN or the socket."""
+        self.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
+                    "STATUS=reloading")
+        old = self.profile
+        try:
+            new = load_profile(old.path)
+        except ProfileError as error:
+            for problem in error.problems:
+                log.error("%s", problem)
+            log.error("reload failed: keeping the running profile")
+            self.notify("READY=1", f"STATUS=reload failed, running on the old profile; "
+                        f"{self.status()}")
+            return
+        for key in ("mode", "listen", "ifname", "forward"):
+            if getattr(new, key) != getattr(old, key):
+                log.warning("%s changed: restart the service to apply it", key)
+                new = _keep(new, key, getattr(old, key))
+        try:
+            if (new.addresses, new.mtu) != (old.addresses, old.mtu):
+                self.netconf.setup_interface(self.ifname, new.addresses, new.mtu)
+            if new.routes != old.routes:
+                self.netconf.sync_routes(self.ifindex, new.routes)
+        except Exception as error:  # noqa: BLE001 - a netlink refusal must not kill the tunnel
+            log.error("reload: could not apply interface settings: %s", error)
+        if new.peers != old.peers:
+            self._replace_peers(new)
+        self.profile = new
+        self._apply_logging(new)
+        self._apply_learning(new)
+        if new.mode == "client" and new.server != old.server:
+            self._start_resolving(time.monotonic())
+        log.info("reloaded %s", new.path)
+        self.notify("READY=1", f"STATUS={self.status()}")
+
+    def _replace_peers(self, profile: Profile) -> None:
+        """Swap in the configured peers, keeping what we knew of those that stay the same."""
+        old = {peer.name: peer for peer in self.core.peers.peers}
+        table = PeerTable()
+        for peer in self._configured_peers(profile):
+            before = old.get(peer.name)
+            if before is not None and not before.learned and before.endpoint is not None \
+                    and peer.accepts_endpoint(before.endpoint):
+                peer.endpoint = before.endpoint
+                for field in ("last_rx", "last_tx", "rx_packets", "rx_bytes", "tx_packets",
+                              "tx_bytes"):
+                    setattr(peer, field, getattr(before, field))
+            table.add(peer)
+        if not profile.peers:  # still learning: keep the clients we have
+            for peer in old.values():
+                if peer.learned:
+                    table.add(peer)
+        self.core.peers = table
+        log.info("peers: %s", ", ".join(p.name for p in table.peers) or "none yet (learning)")
+
+    def _configured_peers(self, profile: Profile) -> list[Peer]:
+        family = self.sock.family
+        peers = []
+        for config in profile.peers:
+            peer = Peer(config.name, config.allowed_ips, pinned=config.endpoint)
+            if config.endpoint and config.endpoint[1]:
+                peer.endpoint = transport.sockaddr(family, *config.endpoint)
+            peers.append(peer)
+        return peers
+
+    def _apply_logging(self, profile: Profile) -> None:
+        set_level(profile.log_level)
+        self.core.log_packet = PacketLog() if profile.log_packets else None
+
+    def _apply_learning(self, profile: Profile) -> None:
+        # Without a peers list, a server learns clients (the lab's behaviour), but only for inner
+        # sources that belong behind the tunnel: its own subnets and the routes it sends into it.
+        learnable = [a.network for a in profile.addresses] + list(profile.routes)
+        self.core.set_learning(learnable if profile.mode == "server" and not profile.peers
+                               else ())
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def _on_tick(self, now: float) -> float:
+        """Everything periodic; runs in the loop between wake-ups. Returns seconds to the next."""
+        p = self.profile
+        if self._watchdog and now >= self._next_watchdog:
+            self.notify("WATCHDOG=1")
+            self._next_watchdog = now + self._watchdog
+        if p.mode == "client":
+            self._client_tick(now)
+        else:
+            for peer in self.core.peers.expire(now - p.peer_timeout):
+                log.info("peer %s at %s expired after %d s of silence", peer.name,
+                         transport.format_endpoint(peer.endpoint), p.peer_timeout)
+        if p.keepalive:
+            for payload, endpoint in self.core.keepalives_due(p.keepalive):
+                self.forwarder.send(payload, endpoint)
+        if now >= self._next_status:
+            self.notify(f"STATUS={self.status()}")
+            self._next_status = now + STATUS_INTERVAL
+        return min(TICK, self._watchdog or TICK)
+
+    def _client_tick(self, now: float) -> None:
+        if self._resolving is not None and not self._resolving.is_alive():
+            self._resolving = None
+            self._finish_resolving(now)
+        elif self._resolving is None and self.server_peer.endpoint is None \
+                and now >= self._next_resolve:
+            self._start_resolving(now)
+        keepalive = self.profile.keepalive
+        if not keepalive or self.server_peer.endpoint is None:
+            return
+        heard = max(self.server_peer.last_rx, self._connected_at)
+        silent = now - heard
+        if silent > 3 * keepalive and not self._silent_warned:
+            log.warning("no reply from server %s for %d s", self._server_text(), silent)
+            self._silent_warned = True
+        elif silent <= 3 * keepalive and self._silent_warned:
+            log.info("server %s is answering again", self._server_text())
+            self._silent_warned = False
+        self._connected_at = 0.0
+
+    def _start_resolving(self, now: float) -> None:
+        host, port = self.profile.server
+        family = self.sock.family
+
+        def resolve() -> None:
+            try:
+                self._resolved = transport.resolve(host, port, family)
+            except OSError as error:
+                self._resolved, self._resolve_error = None, str(error)
+
+        self._resolving = threading.Thread(target=resolve, name="resolve", daemon=True)
+        self._resolving.start()
+        if transport.is_ip(host):  # a literal resolves at once: no need to wait a tick
+            self._resolving.join()
+            self._resolving = None
+            self._finish_resolving(now)
+
+    def _finish_resolving(self, now: float) -> None:
+        if self._resolved is None:
+            log.warning("cannot resolve server %s (%s); retrying in %d s", self._server_text(),
+                        self._resolve_error, self._resolve_delay)
+            self._next_resolve = now + self._resolve_delay
+            self._resolve_delay = min(self._resolve_delay * 2, 60.0)
+            return
+        self._resolve_delay = 1.0
+        endpoint = self._resolved
+        if endpoint != self.server_peer.endpoint:
+            self.forwarder.connect(endpoint)
+            self.core.peers.move(self.server_peer, endpoint)
+            self._connected_at = now
+            log.info("server %s is at %s", self._server_text(),
+                     transport.format_endpoint(endpoint))
+
+    def _server_text(self) -> str:
+        host, port = self.profile.server
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    # -- systemd ----------------------------------------------------------------------------
+
+    def status(self) -> str:
+        """One ASCII line for STATUS= (sdnotify silently drops text it cannot encode)."""
+        c: Counters = self.core.counters if getattr(self, "core", None) else Counters()
+        if self.profile.mode == "client":
+            server = self.server_peer
+            who = (f"server {transport.format_endpoint(server.endpoint)}"
+                   if server and server.endpoint else f"resolving {self._server_text()}")
+        else:
+            who = f"{len(self.core.peers) if getattr(self, 'core', None) else 0} peers"
+        drops = ", ".join(f"{k} {v}" for k, v in c.drops().items())
+        text = (f"{who}; rx {c.rx_packets} pkts {c.rx_bytes} B, tx {c.tx_packets} pkts "
+                f"{c.tx_bytes} B, dropped {c.dropped}" + (f" ({drops})" if drops else ""))
+        return text.encode("ascii", "replace").decode()
+
+    def notify(self, *fields: str) -> None:
+        self.notifier.notify("\n".join(fields))
+
+
+def watchdog_interval() -> float:
+    """Seconds between WATCHDOG=1 pings: a third of systemd's WatchdogSec, 0 if none asked."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return 0.0
+    return int(usec) / 1e6 / 3
+
+
+def _keep(profile: Profile, key: str, value: object) -> Profile:
+    from dataclasses import replace
+
+    return replace(profile, **{key: value})
