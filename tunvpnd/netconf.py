@@ -1,0 +1,289 @@
+"""Addresses, MTU, routes and IPv4 forwarding over rtnetlink, with a crash-recovery state file.
+
+Everything goes through one pyroute2 IPRoute socket: the daemon may run with PATH empty and
+under systemd's ProtectKernelTunables (read-only /proc/sys), so no ip(8) and no sysctl writes.
+Works with pyroute2 0.7.2 (Debian 12) and 0.9.x (PyPI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from ipaddress import IPv4Interface, IPv6Interface, ip_interface, ip_network
+from pathlib import Path
+from socket import AF_INET, AF_INET6
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nla, nlmsg
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_SETLINK
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+
+# Our routes carry this protocol number so we can find (and only ever delete) our own.  Numbers
+# above RTPROT_STATIC (4) are free for routing daemons; 86 is neither in linux/rtnetlink.h nor
+# in iproute2's rt_protos.  `ip route show proto 86` lists them.
+RTPROT_TUNVPND = 86
+
+RT_TABLE_MAIN = 254
+RT_SCOPE_LINK = 253  # what `ip route add NET dev X` uses for an IPv4 route without gateway
+IFF_LOOPBACK = 0x8
+IFA_F_NODAD = 0x02  # a point-to-point TUN has no neighbours: skip DAD, usable at once
+IFLA_AF_SPEC = 26
+IFLA_INET_CONF = 1
+IPV4_DEVCONF_FORWARDING = 1  # linux/ip.h: the devconf indices are 1-based
+
+Address = IPv4Interface | IPv6Interface
+
+
+class NetConfigError(OSError):
+    """A netlink request failed; the message names the interface or route."""
+
+
+class _InetConfMsg(nlmsg):
+    """RTM_SETLINK body: IFLA_AF_SPEC / AF_INET / IFLA_INET_CONF / {devconf index: u32}.
+
+    pyroute2's ifinfmsg models AF_INET as the flat u32 array the kernel sends (fine for
+    reading), but the kernel accepts nested attributes whose type is the devconf index
+    (net/ipv4/devinet.c, inet_set_link_af).  This is a sibling of ifinfmsg, not a subclass:
+    pyroute2 caches each class's compiled nla map, and a subclass would reuse ifinfmsg's.
+    """
+
+    fields = ifinfmsg.fields
+    nla_map = ((IFLA_AF_SPEC, "IFLA_AF_SPEC", "af_spec"),)
+
+    class af_spec(nla):
+        nla_map = ((AF_INET, "AF_INET", "inet"),)
+
+        class inet(nla):
+            nla_map = ((IFLA_INET_CONF, "IFLA_INET_CONF", "conf"),)
+
+            class conf(nla):
+                nla_map = ((IPV4_DEVCONF_FORWARDING, "IPV4_DEVCONF_FORWARDING", "uint32"),)
+
+
+def _forwarding(link: Any) -> int | None:
+    """The IPv4 forwarding flag from an RTM_NEWLINK message (None: no IPv4 on the link).
+
+    pyroute2 decodes AF_INET as a struct whose first u32 ('dummy') is the IFLA_INET_CONF
+    header, so 'forwarding' lands on conf[IPV4_DEVCONF_FORWARDING - 1], as in both versions.
+    """
+    spec = link.get_attr("IFLA_AF_SPEC")
+    inet = spec.get_attr("AF_INET") if spec is not None else None
+    return None if inet is None else inet["forwarding"]
+
+
+def _start_time(pid: int) -> str | None:
+    """Start time of a process (field 22 of /proc/PID/stat), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _route_net(msg: Any) -> str:
+    dst = msg.get_attr("RTA_DST") or ("0.0.0.0" if msg["family"] == AF_INET else "::")
+    return str(ip_network(f"{dst}/{msg['dst_len']}"))
+
+
+class NetConfig:
+    """Configures links in the current network namespace; records outside changes in a file."""
+
+    def __init__(self, state_path: Path) -> None:
+        self.state_path = Path(state_path)
+        self._ipr = IPRoute()
+        # pyroute2 0.9.x: the synchronous IPRoute never sets this key, yet nlm_request() reads it.
+        status = getattr(self._ipr, "status", None)
+        if status is not None and "nlm_generator" not in status:
+            status["nlm_generator"] = False
+        pid = os.getpid()
+        self._state: dict[str, Any] = {
+            "pid": pid, "start": _start_time(pid), "forwarding": [], "routes_on": []}
+
+    def __enter__(self) -> NetConfig:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    # -- netlink helpers ---------------------------------------------------------------------
+
+    def _do(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except NetlinkError as e:
+            err = NetConfigError(f"{what}: {os.strerror(e.code)}")
+            err.errno = e.code
+            raise err from e
+
+    def _links(self) -> dict[int, str]:
+        return {link["index"]: link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links()}
+
+    def _ifname(self, ifindex: int) -> str:
+        name = self._links().get(ifindex)
+        if name is None:
+            raise NetConfigError(f"no interface with index {ifindex}")
+        return name
+
+    def _set_forwarding(self, ifindex: int, ifname: str, value: int) -> None:
+        msg = _InetConfMsg()
+        msg["index"] = ifindex
+        conf = {"attrs": [("IPV4_DEVCONF_FORWARDING", value)]}
+        inet = {"attrs": [("IFLA_INET_CONF", conf)]}
+        msg["attrs"] = [("IFLA_AF_SPEC", {"attrs": [("AF_INET", inet)]})]
+        self._do(f"set IPv4 forwarding={value} on {ifname}", self._ipr.nlm_request,
+                 msg, RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK)
+
+    def _route(self, cmd: str, net: str, ifindex: int, ifname: str, **extra: Any) -> None:
+        n = ip_network(net)
+        spec = dict(family=AF_INET if n.version == 4 else AF_INET6, dst=str(n.network_address),
+                    dst_len=n.prefixlen, oif=ifindex, proto=RTPROT_TUNVPND, table=RT_TABLE_MAIN)
+        if n.version == 4:
+            spec["scope"] = RT_SCOPE_LINK
+        self._do(f"{cmd} route {n} dev {ifname}", self._ipr.route, cmd, **spec, **extra)
+
+    def _tagged_routes(self, ifindex: int) -> Iterator[Any]:
+        for family in (AF_INET, AF_INET6):
+            for msg in self._ipr.get_routes(family=family):
+                if (msg["proto"] == RTPROT_TUNVPND and msg.get_attr("RTA_OIF") == ifindex
+                        and (msg.get_attr("RTA_TABLE") or msg["table"]) == RT_TABLE_MAIN):
+                    yield msg
+
+    def _delete_route(self, msg: Any, ifname: str) -> str:
+        net = _route_net(msg)
+        prio = msg.get_attr("RTA_PRIORITY")
+        self._route("del", net, msg.get_attr("RTA_OIF"), ifname,
+                    **({} if prio is None else {"priority": prio}))
+        return net
+
+    def _save(self) -> None:
+        """Write the state file atomically, so a crash never leaves a torn one."""
+        self.state_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self._state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)
+        dirfd = os.open(self.state_path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+
+    # -- public API --------------------------------------------------------------------------
+
+    def setup_interface(self, ifname: str, addresses: Iterable[Address | str], mtu: int) -> int:
+        """Set the MTU, make the addresses exactly `addresses`, bring the link up."""
+        found = self._ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise NetConfigError(f"no interface named {ifname!r}")
+        idx = found[0]
+        # MTU first: IPv6 addresses cannot exist while the MTU is below 1280.
+        self._do(f"set MTU {mtu} on {ifname}", self._ipr.link, "set", index=idx, mtu=mtu)
+        want = {ip_interface(a) for a in addresses}
+        for msg in self._ipr.get_addr(index=idx):
+            addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            have = ip_interface(f"{addr}/{msg['prefixlen']}")
+            if have in want:
+                want.discard(have)
+            elif not (have.version == 6 and have.ip.is_link_local):  # the kernel's fe80:: stays
+                self._do(f"remove address {have} from {ifname}", self._ipr.addr, "del",
+                         index=idx, address=str(have.ip), prefixlen=have.network.prefixlen)
+        for a in sorted(want, key=str):
+            extra = {"flags": IFA_F_NODAD} if a.version == 6 else {}
+            self._do(f"add address {a} to {ifname}", self._ipr.addr, "add", index=idx,
+                     address=str(a.ip), prefixlen=a.network.prefixlen, **extra)
+        self._do(f"bring {ifname} up", self._ipr.link, "set", index=idx, state="up")
+        return idx
+
+    def sync_routes(self, ifindex: int, routes: Iterable[Any]) -> None:
+        """Make our tagged routes on `ifindex` exactly `routes`; other routes are not touched."""
+        ifname = self._ifname(ifindex)
+        rec = {"ifindex": ifindex, "ifname": ifname}
+        if rec not in self._state["routes_on"]:
+            self._state["routes_on"].append(rec)
+            self._save()
+        want = {str(ip_network(r)) for r in routes}
+        for net in sorted(want):
+            self._route("replace", net, ifindex, ifname)
+        for msg in list(self._tagged_routes(ifindex)):
+            if _route_net(msg) not in want:
+                self._delete_route(msg, ifname)
+
+    def enable_forwarding(self, ifindex: int) -> None:
+        """Turn IPv4 forwarding on for every non-loopback link, the TUN included.
+
+        Linux asks the *input* device's flag whether a packet may be forwarded, so traffic
+        from the TUN needs it on the TUN and replies need it on the other links.  The previous
+        values are written to the state file before anything changes.
+        """
+        links = [(m["index"], m.get_attr("IFLA_IFNAME"), _forwarding(m))
+                 for m in self._ipr.get_links() if not m["flags"] & IFF_LOOPBACK]
+        if ifindex not in {idx for idx, _, _ in links}:
+            raise NetConfigError(f"no interface with index {ifindex}")
+        recorded = {r["ifindex"] for r in self._state["forwarding"]}
+        for idx, name, was in links:
+            if was is not None and idx not in recorded:  # a second call keeps the originals
+                self._state["forwarding"].append({"ifindex": idx, "ifname": name, "was": was})
+        self._save()
+        for idx, name, was in links:
+            if was == 0:
+                self._set_forwarding(idx, name, 1)
+
+    def _undo(self, state: dict[str, Any]) -> list[str]:
+        """Remove tagged routes and put forwarding flags back, on links that still exist."""
+        lines: list[str] = []
+        errors: list[str] = []
+        links = self._links()
+        for rec in state.get("routes_on", []):
+            idx, name = rec["ifindex"], rec["ifname"]
+            if links.get(idx) != name:
+                continue  # the link is gone, and its routes went with it
+            for msg in list(self._tagged_routes(idx)):
+                try:
+                    lines.append(f"removed route {self._delete_route(msg, name)} dev {name}")
+                except NetConfigError as e:
+                    errors.append(str(e))
+        flags = {m["index"]: _forwarding(m) for m in self._ipr.get_links()}
+        for rec in state.get("forwarding", []):
+            idx, name, was = rec["ifindex"], rec["ifname"], rec["was"]
+            if links.get(idx) != name:
+                lines.append(f"skipped {name} (ifindex {idx}): gone")
+            elif flags.get(idx) not in (None, was):
+                try:
+                    self._set_forwarding(idx, name, was)
+                    lines.append(f"IPv4 forwarding on {name} set back to {was}")
+                except NetConfigError as e:
+                    errors.append(str(e))
+        if errors:
+            raise NetConfigError("; ".join(errors))
+        return lines
+
+    def recover(self) -> list[str]:
+        """Undo what a dead earlier run recorded in the state file; say what was undone."""
+        try:
+            old = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as e:
+            raise NetConfigError(f"unreadable state file {self.state_path}: {e}") from e
+        pid = old.get("pid")
+        # Our own pid means an earlier run in this process (or a restarted pid namespace).
+        started = _start_time(pid) if isinstance(pid, int) else None
+        if pid != os.getpid() and started is not None and started == old.get("start"):
+            raise NetConfigError(f"{self.state_path} belongs to running process {pid}")
+        lines = self._undo(old)
+        self.state_path.unlink(missing_ok=True)
+        return lines
+
+    def restore(self) -> None:
+        """Remove our routes, put forwarding back as recorded, delete the state file."""
+        self._undo(self._state)
+        self._state["forwarding"], self._state["routes_on"] = [], []
+        self.state_path.unlink(missing_ok=True)
