@@ -1,0 +1,240 @@
+"""Shared fixtures: a fresh lab topology per test, and tunvpnd daemons run inside it.
+
+Every test gets namespaces with a unique prefix, torn down even when the test fails, and each
+daemon gets its own sd_notify socket so tests wait on what the daemon tells systemd (READY=1,
+STATUS=...), not on sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tunvpnd.lab import Lab, leftover_namespaces, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "etc" / "tunvpn"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{os.getpid() % 10000}{uuid.uuid4().hex[:4]}"
+
+
+@pytest.fixture
+def lab(request):
+    extra = getattr(request, "param", 0)
+    topology = Lab(unique("tvt"), extra_clients=extra)
+    topology.up()
+    try:
+        yield topology
+    finally:
+        topology.down()
+        assert leftover_namespaces(topology.prefix) == []
+
+
+@pytest.fixture
+def sockdir():
+    """A short directory for AF_UNIX sockets (their paths are limited to 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="tv"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Daemon:
+    """One `tunvpnd run` in a lab host, with PATH empty, its own notify socket and run dir."""
+
+    def __init__(self, lab: Lab, role: str, profile: str, workdir: Path, name: str,
+                 env: dict | None = None) -> None:
+        self.lab, self.role, self.name = lab, role, name
+        self.profile = workdir / f"{name}.yaml"
+        self.profile.write_text(profile)
+        self.run_dir = workdir / f"run-{name}"
+        self.logfile = workdir / f"{name}.log"
+        self.notify_path = workdir / f"{name}.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.notify.setblocking(False)
+        self.messages: list[tuple[float, str]] = []
+        self.env = {"PATH": "", "TUNVPN_RUN_DIR": str(self.run_dir),
+                    "NOTIFY_SOCKET": str(self.notify_path), **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> Daemon:
+        with open(self.logfile, "ab") as log:
+            self.proc = self.lab.spawn(
+                self.role, [sys.executable, "-m", "tunvpnd", "run", str(self.profile)],
+                env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd="/")
+        if wait:
+            self.wait_for("READY=1")
+        return self
+
+    def restart(self) -> Daemon:
+        mark = len(self.fields())
+        self.start(wait=False)
+        self.wait_for("READY=1", after=mark)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll_messages(self) -> list[tuple[float, str]]:
+        while True:
+            try:
+                data = self.notify.recv(4096)
+            except BlockingIOError:
+                return self.messages
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def fields(self) -> list[str]:
+        """Every KEY=value the daemon has sent, in order."""
+        return [f for _, m in self.poll_messages() for f in m.split("\n") if f]
+
+    def wait_for(self, field: str, timeout: float = 15.0, after: int = 0) -> int:
+        """Wait until a notify message holds `field` (exactly, or as a prefix ending in '=...'),
+        among fields numbered `after` and later; return its index."""
+        def seen() -> int | None:
+            for i, f in enumerate(self.fields()):
+                if i >= after and (f == field or (field.endswith("=") and f.startswith(field))):
+                    return i
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode} before "
+                                     f"{field!r}:\n{self.log()}")
+            return None
+
+        found: list[int] = []
+
+        def check() -> bool:
+            index = seen()
+            if index is not None:
+                found.append(index)
+            return bool(found)
+
+        wait_until(check, timeout, what=f"{self.name}: {field}")
+        return found[0]
+
+    def status(self) -> str:
+        statuses = [f[7:] for f in self.fields() if f.startswith("STATUS=")]
+        return statuses[-1] if statuses else ""
+
+    def wait_status(self, predicate, timeout: float = 15.0) -> str:
+        wait_until(lambda: predicate(self.status()), timeout,
+                   what=f"{self.name} STATUS matching; last: {self.status()!r}")
+        return self.status()
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+
+    def signal(self, number: int) -> None:
+        os.kill(self.pid, number)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.notify.close()
+
+
+@pytest.fixture
+def daemons(sockdir):
+    """Start daemons with `daemons(lab, role, profile_text, name=...)`; all killed at the end."""
+    started: list[Daemon] = []
+
+    def start(lab: Lab, role: str, profile: str, name: str | None = None, wait: bool = True,
+              env: dict | None = None) -> Daemon:
+        daemon = Daemon(lab, role, profile, sockdir, name or role, env)
+        started.append(daemon)
+        return daemon.start(wait)
+
+    yield start
+    for daemon in started:
+        daemon.close()
+
+
+def in_ns(lab: Lab, role: str, argv: list[str], timeout: float = 30,
+          check: bool = True) -> subprocess.CompletedProcess:
+    result = lab.run(role, argv, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{argv} in {role} exited {result.returncode}:\n"
+                             f"{result.stdout}{result.stderr}")
+    return result
+
+
+def ping(lab: Lab, role: str, address: str, count: int = 3, check: bool = True,
+         family: str = "-4") -> subprocess.CompletedProcess:
+    return in_ns(lab, role, ["ping", family, "-c", str(count), "-i", "0.2", "-W", "2", address],
+                 check=check)
+
+
+def ip_json(lab: Lab, role: str, *args: str) -> list[dict]:
+    return json.loads(in_ns(lab, role, ["ip", "-j", *args]).stdout or "[]")
+
+
+def tun_links(lab: Lab, role: str) -> list[dict]:
+    return [link for link in ip_json(lab, role, "-d", "link", "show")
+            if link.get("linkinfo", {}).get("info_kind") == "tun"]
+
+
+def forwarding(lab: Lab, role: str) -> dict[str, int]:
+    """Each non-lo link's IPv4 forwarding flag, as /proc/sys shows it inside the namespace."""
+    out = in_ns(lab, role, ["sh", "-c", "grep . /proc/sys/net/ipv4/conf/*/forwarding"]).stdout
+    flags = {}
+    for line in out.splitlines():
+        path, value = line.rsplit(":", 1)
+        name = path.split("/")[-2]
+        if name not in ("lo", "all", "default"):
+            flags[name] = int(value)
+    return flags
+
+
+CLIENT = """\
+mode: client
+server: {server}:9090
+interface:
+  name: tun0
+  address: {address}
+routes: [{routes}]
+keepalive: {keepalive}
+log:
+  level: debug
+"""
+
+SERVER = """\
+mode: server
+listen: 0.0.0.0:9090
+interface:
+  name: tun0
+  address: {address}
+forward: true
+{extra}
+log:
+  level: debug
+"""
+
+
+def client_profile(server: str = "10.9.0.11", address: str = "192.168.53.99/24",
+                   routes: str = "192.168.60.0/24", keepalive: int = 25) -> str:
+    return CLIENT.format(server=server, address=address, routes=routes, keepalive=keepalive)
+
+
+def server_profile(address: str = "192.168.53.1/24", extra: str = "") -> str:
+    return SERVER.format(address=address, extra=extra)
