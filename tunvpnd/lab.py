@@ -1,0 +1,666 @@
+"""The SEED VPN lab topology in network namespaces, and the `tunvpnd lab up|demo|down` commands.
+
+    HostU   10.9.0.5  ─┐                            ┌─ HostV 192.168.60.5
+    HostU2  10.9.0.6  ─┼─ br-net ─ VPN server ─ br-lan ┘   (route 192.168.53.0/24 via .60.11)
+    ...               ─┘  10.9.0.11   192.168.60.11
+
+Every host is a network namespace named f"{prefix}-{role}". Each LAN is a Linux bridge inside
+one extra "switch" namespace (f"{prefix}-sw"), and each host interface is one end of a veth pair
+whose other end is a port of that bridge, so more clients join a LAN with one table row.
+Nothing is configured in the root namespace except creating and removing the namespaces; no
+namespace has a default route, and no link leads out of the lab.
+
+Everything is built with pyroute2 (works with 0.7.2 and 0.9.x); processes enter a host's
+namespace with `pyroute2.netns.setns` in the child before exec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib.resources
+import json
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+
+from pyroute2 import NetNS, netns
+
+DEFAULT_PREFIX = "tvlab"
+LAB_RUN_ROOT = Path("/run/tunvpnd-lab")
+NETNS_DIR = Path(getattr(netns, "NETNS_RUN_DIR", "/var/run/netns"))
+SWITCH = "sw"                   # role-like suffix of the switch namespace holding the bridges
+ECHO_PORT = 9000
+ECHO_BYTES = 100 * 1024
+
+# ---------------------------------------------------------------------------------------------
+# The topology, as data.
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    role: str
+    links: tuple[tuple[str, str], ...]              # (lan, "address/prefixlen"), eth0, eth1, ...
+    routes: tuple[tuple[str, str], ...] = field(default=())   # (destination network, gateway)
+
+
+LANS: dict[str, str] = {            # lan key -> network; the bridge is f"br-{key}"
+    "net": "10.9.0.0/24",           # the "internet" between clients and the VPN server
+    "lan": "192.168.60.0/24",       # the private network behind the VPN server
+}
+
+BASE_HOSTS: tuple[HostSpec, ...] = (
+    HostSpec("hostu", (("net", "10.9.0.5/24"),)),
+    HostSpec("server", (("net", "10.9.0.11/24"), ("lan", "192.168.60.11/24"))),
+    HostSpec("hostv", (("lan", "192.168.60.5/24"),),
+             routes=(("192.168.53.0/24", "192.168.60.11"),)),
+)
+
+CLIENT_NET = "net"                  # extra clients ("hostu2", "hostu3", ...) join this LAN
+FIRST_EXTRA_CLIENT_HOST = 6         # hostu2 = 10.9.0.6, then the next free host numbers
+
+_ROLE_RE = re.compile(r"^[a-z0-9]+$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _extra_clients(count: int, used: set[IPv4Address]) -> list[HostSpec]:
+    net = IPv4Network(LANS[CLIENT_NET])
+    specs: list[HostSpec] = []
+    candidates = (h for h in net.hosts() if int(h) - int(net.network_address)
+                  >= FIRST_EXTRA_CLIENT_HOST)
+    for n in range(2, count + 2):
+        addr = next((a for a in candidates if a not in used), None)
+        if addr is None:
+            raise ValueError(f"no room for {count} extra clients in {net}")
+        used.add(addr)
+        specs.append(HostSpec(f"hostu{n}", ((CLIENT_NET, f"{addr}/{net.prefixlen}"),)))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers.
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.05,
+               what: str = "") -> None:
+    """Poll `predicate` until it returns something true; TimeoutError naming `what` if not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what or predicate!r}")
+        time.sleep(interval)
+
+
+def _ns_name(prefix: str, role: str) -> str:
+    return f"{prefix}-{role}"
+
+
+def leftover_namespaces(prefix: str) -> list[str]:
+    """Named network namespaces that belong to the lab `prefix` (exactly: f"{prefix}-{role}")."""
+    try:
+        names = os.listdir(NETNS_DIR)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        head, sep, role = name.rpartition("-")
+        if sep and head == prefix and _ROLE_RE.match(role):
+            found.append(name)
+    return sorted(found)
+
+
+def _ns_inode(path: str | os.PathLike) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _proc_starttime(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks); None if gone or a zombie."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = data[data.rfind(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _netns_handle(name: str) -> NetNS:
+    """An RTNL handle inside the existing namespace `name` (never creates one)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return NetNS(name, flags=0)
+
+
+def _setns_preexec(name: str) -> Callable[[], None]:
+    def enter() -> None:
+        netns.setns(name, flags=0)
+    return enter
+
+
+_SCRUB_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM",
+              "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+
+
+# ---------------------------------------------------------------------------------------------
+# The lab.
+
+
+class Lab:
+    """The lab topology under one prefix. `with Lab(prefix) as lab:` builds it and tears it down."""
+
+    def __init__(self, prefix: str | None = None, extra_clients: int = 0) -> None:
+        self.prefix = prefix or DEFAULT_PREFIX
+        if not _PREFIX_RE.match(self.prefix):
+            raise ValueError(f"bad lab prefix {self.prefix!r}")
+        used = {IPv4Interface(a).ip for h in BASE_HOSTS for _, a in h.links}
+        self.specs: tuple[HostSpec, ...] = BASE_HOSTS + tuple(_extra_clients(extra_clients, used))
+        self.hosts: dict[str, str] = {s.role: _ns_name(self.prefix, s.role) for s in self.specs}
+        self.addresses: dict[str, str] = {s.role: str(IPv4Interface(s.links[0][1]).ip)
+                                          for s in self.specs}
+        self.switch: str = _ns_name(self.prefix, SWITCH)
+        self.run_dir: Path = LAB_RUN_ROOT / self.prefix
+        self._procs: list[subprocess.Popen] = []
+        for spec in self.specs:
+            for lan, _ in spec.links:
+                if len(f"{spec.role}-{lan}") > 15:
+                    raise ValueError(f"role {spec.role!r} too long for a bridge port name")
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.switch, *self.hosts.values()]
+
+    def up(self) -> None:
+        """Build the topology; a stale lab with the same prefix is torn down first."""
+        if leftover_namespaces(self.prefix) or (self.run_dir / "pids.json").exists():
+            self.down()
+        try:
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+
+    def _build(self) -> None:
+        handles: dict[str, NetNS] = {}
+        try:
+            for name in self.namespaces:
+                netns.create(name)
+                handles[name] = ipr = _netns_handle(name)
+                # Guard: a handle that does not really point into the new namespace would
+                # configure the wrong one. A fresh namespace holds exactly one link, lo.
+                names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+                if names != ["lo"]:
+                    raise RuntimeError(f"netns {name} is not fresh (links {names}); refusing")
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+            sw = handles[self.switch]
+            bridges = {}
+            for lan in LANS:
+                sw.link("add", ifname=f"br-{lan}", kind="bridge")
+                bridges[lan] = sw.link_lookup(ifname=f"br-{lan}")[0]
+                sw.link("set", index=bridges[lan], state="up")
+
+            for spec in self.specs:
+                ipr = handles[self.hosts[spec.role]]
+                for n, (lan, address) in enumerate(spec.links):
+                    ifname, port = f"eth{n}", f"{spec.role}-{lan}"
+                    ipr.link("add", ifname=ifname, kind="veth",
+                             peer={"ifname": port, "net_ns_fd": self.switch})
+                    idx = ipr.link_lookup(ifname=ifname)[0]
+                    iface = IPv4Interface(address)
+                    ipr.addr("add", index=idx, address=str(iface.ip),
+                             prefixlen=iface.network.prefixlen)
+                    ipr.link("set", index=idx, state="up")
+                    pidx = sw.link_lookup(ifname=port)[0]
+                    sw.link("set", index=pidx, master=bridges[lan])
+                    sw.link("set", index=pidx, state="up")
+                for dst, gateway in spec.routes:
+                    net = IPv4Network(dst)
+                    ipr.route("add", dst=str(net.network_address), dst_len=net.prefixlen,
+                              gateway=gateway)
+        finally:
+            for ipr in handles.values():
+                ipr.close()
+
+    def down(self, keep_logs: bool = False) -> None:
+        """Stop the lab's processes (by PID), delete its namespaces and its run directory."""
+        for p in self._procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.terminate()
+        victims = self._recorded_processes() + self._processes_in_namespaces()
+        _stop_pids(victims, children=self._procs)
+        self._procs.clear()
+        for name in leftover_namespaces(self.prefix):
+            with contextlib.suppress(FileNotFoundError):
+                netns.remove(name)
+        if keep_logs:
+            (self.run_dir / "pids.json").unlink(missing_ok=True)
+            for role_dir in self.run_dir.glob("*/"):
+                shutil.rmtree(role_dir, ignore_errors=True)
+        else:
+            shutil.rmtree(self.run_dir, ignore_errors=True)   # LAB_RUN_ROOT itself stays
+
+    # -- processes ----------------------------------------------------------------------------
+
+    def spawn(self, role: str, argv: list[str], env: dict | None = None,
+              **popen_kw) -> subprocess.Popen:
+        """Start `argv` inside `role`'s namespace; tracked (and recorded) for down().
+
+        `env` adds to (not replaces) the current environment; systemd's NOTIFY_SOCKET and
+        friends are dropped so a lab process never talks to the caller's service manager.
+        """
+        name = self.hosts[role]
+        ino = _ns_inode(NETNS_DIR / name)
+        if ino is None:
+            raise RuntimeError(f"lab host {role!r} is not up (no netns {name})")
+        full_env = {k: v for k, v in os.environ.items() if k not in _SCRUB_ENV}
+        full_env.update(env or {})
+        if "preexec_fn" in popen_kw:
+            raise TypeError("spawn() sets preexec_fn itself")
+        popen_kw.setdefault("start_new_session", True)
+        proc = subprocess.Popen(argv, env=full_env, preexec_fn=_setns_preexec(name), **popen_kw)
+        self._procs.append(proc)
+        start = _proc_starttime(proc.pid)
+        if start is not None:
+            self._record(role, proc.pid, start, ino, argv)
+        return proc
+
+    def run(self, role: str, argv: list[str], timeout: float = 30,
+            **kw) -> subprocess.CompletedProcess:
+        """Run `argv` in `role`'s namespace to completion; text stdout/stderr captured."""
+        check = kw.pop("check", False)
+        data = kw.pop("input", None)
+        if data is not None:
+            kw["stdin"] = subprocess.PIPE
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        kw.setdefault("text", True)
+        proc = self.spawn(role, argv, **kw)
+        try:
+            out, err = proc.communicate(data, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+        finally:
+            if proc in self._procs:
+                self._procs.remove(proc)
+        result = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+        if check:
+            result.check_returncode()
+        return result
+
+    def _record(self, role: str, pid: int, start: int, ino: tuple[int, int],
+                argv: list[str]) -> None:
+        entries = [e for e in self._read_pids() if _entry_alive(e)]
+        entries.append({"role": role, "pid": pid, "start": start, "netns": list(ino),
+                        "argv": [str(a) for a in argv]})
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / "pids.json.tmp"
+        tmp.write_text(json.dumps(entries, indent=1))
+        tmp.replace(self.run_dir / "pids.json")
+
+    def _read_pids(self) -> list[dict]:
+        try:
+            data = json.loads((self.run_dir / "pids.json").read_text())
+        except (OSError, ValueError):
+            return []
+        return data if isinstance(data, list) else []
+
+    def _recorded_processes(self) -> list[int]:
+        return [e["pid"] for e in self._read_pids() if _entry_alive(e)]
+
+    def _processes_in_namespaces(self) -> list[int]:
+        """PIDs living in this lab's namespaces (e.g. left over by a crashed run)."""
+        inodes = {_ns_inode(NETNS_DIR / n) for n in leftover_namespaces(self.prefix)} - {None}
+        if not inodes:
+            return []
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) not in (1, os.getpid()):
+                if _ns_inode(f"/proc/{entry}/ns/net") in inodes:
+                    pids.append(int(entry))
+        return pids
+
+
+def _entry_alive(entry: dict) -> bool:
+    """Is the recorded process still that very process (same start time, same netns)?"""
+    try:
+        pid, start, ino = int(entry["pid"]), int(entry["start"]), tuple(entry["netns"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return _proc_starttime(pid) == start and _ns_inode(f"/proc/{pid}/ns/net") == ino
+
+
+def _stop_pids(pids: Sequence[int], children: Sequence[subprocess.Popen] = (),
+               term_wait: float = 3.0, kill_wait: float = 2.0) -> None:
+    """SIGTERM, wait, SIGKILL, wait. `children` are Popen objects of ours, reaped here."""
+    by_pid = {p.pid: p for p in children}
+    targets = {pid: _proc_starttime(pid) for pid in set(pids) | set(by_pid)}
+
+    def alive(pid: int) -> bool:
+        if pid in by_pid:
+            return by_pid[pid].poll() is None
+        start = _proc_starttime(pid)
+        return start is not None and start == targets[pid]
+
+    for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, kill_wait)):
+        live = [pid for pid in targets if alive(pid)]
+        for pid in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda live=live: not any(alive(p) for p in live), wait, 0.02,
+                       "processes to exit")
+    for p in children:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readiness checks (netlink inside a namespace).
+
+
+def tun_route_present(ns_name: str, network: str) -> bool:
+    """Does `ns_name` route `network` out of a TUN link that is up?"""
+    net = IPv4Network(network)
+    try:
+        ipr = _netns_handle(ns_name)
+    except OSError:
+        return False
+    try:
+        tuns = set()
+        for link in ipr.get_links():
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+            if kind == "tun" and link["flags"] & 1:             # IFF_UP
+                tuns.add(link["index"])
+        for route in ipr.get_routes(family=socket.AF_INET):
+            if (route.get_attr("RTA_OIF") in tuns and route["dst_len"] == net.prefixlen
+                    and route.get_attr("RTA_DST") == str(net.network_address)):
+                return True
+        return False
+    finally:
+        ipr.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# `tunvpnd lab up|demo|down`.
+
+DAEMON_ARGV: list[str] = [sys.executable, "-m", "tunvpnd", "run"]
+# role -> (profile file in tunvpnd/examples, network routed through the TUN when ready)
+LAB_DAEMONS: dict[str, tuple[str, str]] = {
+    "server": ("server.yaml", "192.168.53.0/24"),
+    "hostu": ("client.yaml", "192.168.60.0/24"),
+}
+
+
+LOG_STATUS_RE = r"\bup:|stopped|status|ready|\brx \d"
+
+
+def _profile_path(filename: str, run_dir: Path) -> Path:
+    res = importlib.resources.files("tunvpnd") / "examples" / filename
+    if isinstance(res, Path):
+        return res
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / filename
+    out.write_bytes(res.read_bytes())
+    return out
+
+
+def _tail(path: Path, n: int = 5, pattern: str | None = None) -> list[str]:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    if pattern:
+        rx = re.compile(pattern, re.I)
+        hits = [line for line in lines if rx.search(line)]
+        if hits:
+            return hits[-n:]
+    return lines[-n:]
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _lab_is_up(lab: Lab) -> bool:
+    namespaces = set(leftover_namespaces(lab.prefix))
+    if not set(lab.namespaces) <= namespaces:
+        return False
+    roles = {e.get("role") for e in lab._read_pids() if _entry_alive(e)}
+    return set(LAB_DAEMONS) <= roles
+
+
+def lab_up(prefix: str = DEFAULT_PREFIX, *, daemon_argv: Sequence[str] | None = None,
+           ready_timeout: float = 15.0) -> int:
+    """Build the lab and start the VPN server and the HostU client in it; 0 when both are up.
+
+    `daemon_argv` replaces `python -m tunvpnd run` (the profile path is appended), for tests.
+    """
+    rc = _up(prefix, daemon_argv, ready_timeout)
+    if rc == 0:
+        down = "tunvpnd lab down" + ("" if prefix == DEFAULT_PREFIX else f" {prefix}")
+        _say(f"lab {prefix}: stop it with: {down}")
+    return rc
+
+
+def _up(prefix: str, daemon_argv: Sequence[str] | None, ready_timeout: float) -> int:
+    lab = Lab(prefix)
+    argv0 = list(daemon_argv or DAEMON_ARGV)
+    try:
+        lab.up()
+        _say(f"lab {prefix}: namespaces " + ", ".join(lab.namespaces))
+        procs: dict[str, subprocess.Popen] = {}
+        for role, (filename, _) in LAB_DAEMONS.items():
+            state_dir = lab.run_dir / role
+            state_dir.mkdir(parents=True, exist_ok=True)
+            profile = _profile_path(filename, lab.run_dir)
+            log = lab.run_dir / f"{role}.log"
+            with open(log, "wb") as out:
+                procs[role] = lab.spawn(role, [*argv0, str(profile)],
+                                        env={"TUNVPN_RUN_DIR": str(state_dir),
+                                             "PYTHONUNBUFFERED": "1"},
+                                        stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=subprocess.STDOUT)
+            _say(f"lab {prefix}: started {role} (pid {procs[role].pid}) with {profile}, "
+                 f"log {log}")
+
+        def ready() -> bool:
+            for role, proc in procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{role} daemon exited with status {proc.returncode}")
+            return all(tun_route_present(lab.hosts[role], net)
+                       for role, (_, net) in LAB_DAEMONS.items())
+
+        wait_until(ready, ready_timeout, 0.1, "the TUN routes of the server and the client")
+    except (Exception, KeyboardInterrupt) as e:
+        _say(f"lab {prefix}: up FAILED: {e}")
+        for role in LAB_DAEMONS:
+            for line in _tail(lab.run_dir / f"{role}.log", 10):
+                _say(f"  {role}.log: {line}")
+        lab.down(keep_logs=True)
+        return 1
+    _say(f"lab {prefix}: up; server and client TUN routes present")
+    return 0
+
+
+def lab_down(prefix: str = DEFAULT_PREFIX) -> int:
+    """Stop the lab's processes and delete its namespaces; logs stay in the run directory."""
+    lab = Lab(prefix)
+    lab.down(keep_logs=True)
+    left = leftover_namespaces(prefix)
+    if left:
+        _say(f"lab {prefix}: could not remove namespaces: {', '.join(left)}")
+        return 1
+    _say(f"lab {prefix}: down")
+    return 0
+
+
+def _read_line(stream, timeout: float) -> str:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    return stream.readline() if ready else ""
+
+
+def lab_demo(prefix: str = DEFAULT_PREFIX, *, daemon_argv: Sequence[str] | None = None) -> int:
+    """Ping and a 100 kB TCP echo from HostU to HostV through the tunnel, then tear down."""
+    lab = Lab(prefix)
+    failures: list[str] = []
+    if _lab_is_up(lab):
+        _say(f"lab {prefix}: already up, reusing it")
+    elif _up(prefix, daemon_argv, ready_timeout=15.0) != 0:
+        return 1
+    hostv = lab.addresses["hostv"]
+    echo = None
+    try:
+        _say(f"--- ping {hostv} from hostu ({lab.addresses['hostu']}) through the tunnel")
+        ping = lab.run("hostu", ["ping", "-c", "3", "-W", "2", hostv], timeout=20)
+        for line in (ping.stdout + ping.stderr).splitlines():
+            if "packets transmitted" in line or line.startswith(("rtt", "round-trip")) \
+                    or "nreachable" in line:
+                _say(f"    {line}")
+        if ping.returncode != 0:
+            failures.append(f"ping {hostv} exited with {ping.returncode}")
+
+        _say(f"--- TCP echo: {ECHO_BYTES} bytes from hostu to {hostv}:{ECHO_PORT} and back")
+        echo = lab.spawn("hostv", [sys.executable, "-m", "tunvpnd.lab", "echo-server",
+                                   str(ECHO_PORT)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        first = _read_line(echo.stdout, 10)
+        if "listening" not in first:
+            failures.append(f"echo server did not start: {first.strip() or 'no output'}")
+        else:
+            client = lab.run("hostu", [sys.executable, "-m", "tunvpnd.lab", "echo-client",
+                                       hostv, str(ECHO_PORT), str(ECHO_BYTES)], timeout=40)
+            for line in (client.stdout + client.stderr).splitlines():
+                _say(f"    {line}")
+            if client.returncode != 0:
+                failures.append(f"TCP echo failed (exit {client.returncode})")
+    except (Exception, KeyboardInterrupt) as e:
+        failures.append(f"{type(e).__name__}: {e}")
+    finally:
+        log_lines: list[str] = []
+        try:
+            if echo is not None and echo.poll() is None:
+                echo.terminate()
+            # Stop the daemons first: their last words are the counters ("stopped; rx ...").
+            lab.down(keep_logs=True)
+            for role in LAB_DAEMONS:
+                log_lines += [f"    {role}: {line}" for line in
+                              _tail(lab.run_dir / f"{role}.log", 3, LOG_STATUS_RE)]
+        finally:
+            lab.down()
+            if echo is not None and echo.stdout is not None:
+                echo.stdout.close()
+    _say("--- daemon logs (last status-like lines, after stopping them)")
+    for line in log_lines:
+        _say(line)
+    _say(f"lab {prefix}: torn down")
+    if failures:
+        _say("DEMO FAILED: " + "; ".join(failures))
+        return 1
+    _say("DEMO OK: ping and TCP echo through the tunnel work")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Helper entry points run inside the namespaces: python -m tunvpnd.lab echo-server|echo-client
+
+
+def echo_server(port: int, once: bool = True, timeout: float = 60.0) -> int:
+    with socket.create_server(("0.0.0.0", port), reuse_port=False) as srv:
+        srv.settimeout(timeout)
+        print(f"listening on 0.0.0.0:{port}", flush=True)
+        while True:
+            conn, peer = srv.accept()
+            total = 0
+            with conn:
+                conn.settimeout(timeout)
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+                    total += len(data)
+            print(f"echoed {total} bytes to {peer[0]}:{peer[1]}", flush=True)
+            if once:
+                return 0
+
+
+def echo_client(host: str, port: int, nbytes: int, timeout: float = 30.0) -> int:
+    payload = random.randbytes(nbytes)
+    received = bytearray()
+    t0 = time.monotonic()
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sender_error: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as e:
+                sender_error.append(e)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        while data := sock.recv(65536):
+            received += data
+        sender.join(timeout)
+    elapsed = time.monotonic() - t0
+    if sender_error:
+        print(f"send failed: {sender_error[0]}", flush=True)
+        return 1
+    if bytes(received) != payload:
+        print(f"MISMATCH: sent {nbytes} bytes, got back {len(received)} bytes"
+              f"{' (same length, different content)' if len(received) == nbytes else ''}",
+              flush=True)
+        return 1
+    print(f"sent {nbytes} bytes to {host}:{port}, {len(received)} bytes echoed back "
+          f"identical in {elapsed:.2f}s", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if len(args) == 2 and args[0] == "echo-server":
+            return echo_server(int(args[1]))
+        if len(args) == 4 and args[0] == "echo-client":
+            return echo_client(args[1], int(args[2]), int(args[3]))
+    except OSError as e:
+        print(f"{args[0]}: {e}", file=sys.stderr, flush=True)
+        return 1 if e.errno != errno.ECONNREFUSED else 2
+    print("usage: python -m tunvpnd.lab echo-server PORT | echo-client HOST PORT NBYTES",
+          file=sys.stderr)
+    return 64
+
+
+if __name__ == "__main__":
+    sys.exit(main())
