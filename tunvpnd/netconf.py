@@ -33,6 +33,7 @@ IFA_F_NODAD = 0x02  # a point-to-point TUN has no neighbours: skip DAD, usable a
 IFLA_AF_SPEC = 26
 IFLA_INET_CONF = 1
 IPV4_DEVCONF_FORWARDING = 1  # linux/ip.h: the devconf indices are 1-based
+IN6_ADDR_GEN_MODE_NONE = 1  # linux/if_link.h
 
 Address = IPv4Interface | IPv6Interface
 
@@ -199,6 +200,11 @@ class NetConfig:
             extra = {"flags": IFA_F_NODAD} if a.version == 6 else {}
             self._do(f"add address {a} to {ifname}", self._ipr.addr, "add", index=idx,
                      address=str(a.ip), prefixlen=a.network.prefixlen, **extra)
+        # No automatic fe80:: address: a layer-3 tunnel has no neighbours to discover, and the
+        # router solicitations and MLD reports it would send only reach the peer to be dropped.
+        self._do(f"switch off IPv6 link-local on {ifname}", self._ipr.link, "set", index=idx,
+                 IFLA_AF_SPEC={"attrs": [("AF_INET6", {"attrs": [
+                     ("IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE)]})]})
         self._do(f"bring {ifname} up", self._ipr.link, "set", index=idx, state="up")
         return idx
 
