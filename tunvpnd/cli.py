@@ -41,11 +41,13 @@ def run_or_check(command: str, name: str, config_dir: str | None) -> int:
     try:
         profile = load_profile(resolve_profile(name, config_dir))
     except ProfileError as error:
-        setup_logging()
+        if command == "check":  # plain lines, for a person or an editor's error parser
+            print("\n".join(error.problems), file=sys.stderr)
+            return EX_CONFIG
+        setup_logging()  # under systemd: one journal line per problem, at error priority
         for problem in error.problems:
             _error(problem)
-        _error(f"{len(error.problems)} problem(s) found: not starting" if command == "run"
-               else f"{len(error.problems)} problem(s) found")
+        _error(f"{len(error.problems)} problem(s) in the profile: not starting")
         return EX_CONFIG
     if command == "check":
         print(summary(profile))

@@ -1,0 +1,77 @@
+"""The command line as an operator uses it: `tunvpnd check`, `tunvpnd run` on bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import EXAMPLES, REPO, tun_links
+
+EX_CONFIG = 78
+
+
+def tunvpnd(*args: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunvpnd", *args], capture_output=True,
+                          text=True, timeout=30, cwd=cwd, env={**os.environ, **(env or {})})
+
+
+def test_check_valid_profile_prints_one_line_summary():
+    result = tunvpnd("check", str(EXAMPLES / "client.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{EXAMPLES / 'client.yaml'}: OK: client tun0 192.168.53.99/24 mtu 1420, "
+        "server 10.9.0.11:9090, 1 route"]
+
+
+def test_check_by_instance_name_in_config_dir():
+    result = tunvpnd("check", "server", "--config-dir", str(EXAMPLES))
+    assert result.returncode == 0
+    assert "OK: server tun0 192.168.53.1/24" in result.stdout
+    assert "listen 0.0.0.0:9090, learning peers" in result.stdout
+    result = tunvpnd("check", "client", env={"TUNVPN_CONFIG_DIR": str(EXAMPLES)})
+    assert result.returncode == 0
+
+
+def test_check_reports_every_problem_with_file_and_line(tmp_path):
+    bad = tmp_path / "client.yaml"
+    bad.write_text("mode: client\n"
+                   "server: 10.9.0.11:9090\n"
+                   "interface:\n"
+                   "  address: 192.168.53.99/24\n"
+                   "  mtu: big\n"
+                   "routes:\n"
+                   "  - 192.168.60.0/24\n"
+                   "  - 192.168.600.0/24\n")
+    result = tunvpnd("check", str(bad))
+    assert result.returncode == EX_CONFIG
+    assert f"{bad}:5: interface.mtu: must be an integer, got 'big'" in result.stderr
+    assert f"{bad}:8: routes[1]: '192.168.600.0/24' is not an IP network" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_profile_is_a_config_error(tmp_path):
+    result = tunvpnd("check", "nosuch", "--config-dir", str(tmp_path))
+    assert result.returncode == EX_CONFIG
+    assert str(tmp_path / "nosuch.yaml") in result.stderr
+
+
+def test_run_with_bad_profile_exits_78_before_touching_the_network(tmp_path, lab):
+    bad = tmp_path / "c.yaml"
+    bad.write_text((EXAMPLES / "client.yaml").read_text().replace("mode: client", "mode: clint"))
+    # in a lab host, so that a regression could not put a TUN on this machine's own network
+    result = lab.run("hostu", [sys.executable, "-m", "tunvpnd", "run", str(bad)],
+                     env={"TUNVPN_RUN_DIR": str(tmp_path / "run")})
+    assert result.returncode == EX_CONFIG
+    assert f"{bad}:6: mode: must be one of client, server" in result.stderr
+    assert "not starting" in result.stderr
+    assert tun_links(lab, "hostu") == []
+    assert not (tmp_path / "run").exists()
+
+
+def test_python_dash_m_and_console_script_agree():
+    script = Path(sys.executable).parent / "tunvpnd"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0 and result.stdout.startswith("tunvpnd ")
