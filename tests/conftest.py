@@ -57,8 +57,9 @@ class Daemon:
     """One `tunvpnd run` in a lab host, with PATH empty, its own notify socket and run dir."""
 
     def __init__(self, lab: Lab, role: str, profile: str, workdir: Path, name: str,
-                 env: dict | None = None) -> None:
+                 env: dict | None = None, wrapper: list[str] | None = None) -> None:
         self.lab, self.role, self.name = lab, role, name
+        self.wrapper = wrapper or []  # runs the daemon through e.g. unshare
         self.profile = workdir / f"{name}.yaml"
         self.profile.write_text(profile)
         self.run_dir = workdir / f"run-{name}"
@@ -75,7 +76,8 @@ class Daemon:
     def start(self, wait: bool = True) -> Daemon:
         with open(self.logfile, "ab") as log:
             self.proc = self.lab.spawn(
-                self.role, [sys.executable, "-m", "tunvpnd", "run", str(self.profile)],
+                self.role,
+                [*self.wrapper, sys.executable, "-m", "tunvpnd", "run", str(self.profile)],
                 env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd="/")
         if wait:
@@ -160,8 +162,8 @@ def daemons(sockdir):
     started: list[Daemon] = []
 
     def start(lab: Lab, role: str, profile: str, name: str | None = None, wait: bool = True,
-              env: dict | None = None) -> Daemon:
-        daemon = Daemon(lab, role, profile, sockdir, name or role, env)
+              env: dict | None = None, wrapper: list[str] | None = None) -> Daemon:
+        daemon = Daemon(lab, role, profile, sockdir, name or role, env, wrapper)
         started.append(daemon)
         return daemon.start(wait)
 

@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import EXAMPLES, REPO, tun_links
+from tests.conftest import EXAMPLES, REPO, tun_links, unique
+from tunvpnd.lab import leftover_namespaces
 
 EX_CONFIG = 78
 
@@ -75,3 +76,16 @@ def test_python_dash_m_and_console_script_agree():
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True,
                             timeout=30)
     assert result.returncode == 0 and result.stdout.startswith("tunvpnd ")
+
+
+def test_lab_demo_end_to_end():
+    """The README's first command: the lab in namespaces, ping and TCP through the tunnel."""
+    prefix = unique("tvd")
+    script = Path(sys.executable).parent / "tunvpnd"
+    result = subprocess.run([str(script), "lab", "demo", "--prefix", prefix],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 packets transmitted, 3 received" in result.stdout
+    assert "102400 bytes echoed back identical" in result.stdout
+    assert "DEMO OK" in result.stdout
+    assert leftover_namespaces(prefix) == []

@@ -53,10 +53,9 @@ class Forwarder:
         next_tick = 0.0
         try:
             while self.running:
-                now = time.monotonic()
+                now = core.now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + on_tick(now)
-                core.now = now
                 for fd, _ in poller.poll(max(0.0, next_tick - now)):
                     if fd == tun_fd:
                         self.pump_tun()

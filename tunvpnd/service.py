@@ -324,7 +324,8 @@ class Daemon:
             who = f"{len(self.core.peers) if getattr(self, 'core', None) else 0} peers"
         drops = ", ".join(f"{k} {v}" for k, v in c.drops().items())
         text = (f"{who}; rx {c.rx_packets} pkts {c.rx_bytes} B, tx {c.tx_packets} pkts "
-                f"{c.tx_bytes} B, dropped {c.dropped}" + (f" ({drops})" if drops else ""))
+                f"{c.tx_bytes} B, dropped {c.dropped}" + (f" ({drops})" if drops else "")
+                + (f", keepalives {c.keepalives}" if c.keepalives else ""))
         return text.encode("ascii", "replace").decode()
 
     def notify(self, *fields: str) -> None:
