@@ -134,8 +134,18 @@ class Daemon:
         return statuses[-1] if statuses else ""
 
     def wait_status(self, predicate, timeout: float = 15.0) -> str:
-        wait_until(lambda: predicate(self.status()), timeout,
-                   what=f"{self.name} STATUS matching; last: {self.status()!r}")
+        def check() -> bool:
+            if predicate(self.status()):
+                return True
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}; last "
+                                     f"STATUS {self.status()!r}\n{self.log()}")
+            return False
+
+        try:
+            wait_until(check, timeout, what=f"{self.name} STATUS matching")
+        except TimeoutError as error:
+            raise AssertionError(f"{error}; last: {self.status()!r}\n{self.log()}") from None
         return self.status()
 
     def log(self) -> str:

@@ -303,7 +303,8 @@ class Daemon:
         if endpoint != self.server_peer.endpoint:
             self.forwarder.connect(endpoint)
             self.core.peers.move(self.server_peer, endpoint)
-            self._connected_at = now
+            # idle from now: the first keepalive goes out one interval later, not at once
+            self._connected_at = self.server_peer.last_tx = now
             log.info("server %s is at %s", self._server_text(),
                      transport.format_endpoint(endpoint))
 
