@@ -737,6 +737,10 @@ class SystemdBox:
             raise BoxCommandError(cp.returncode, cp.args, cp.stdout, cp.stderr)
         return cp
 
+    def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
+        """Start argv inside the box and return at once (e.g. a ping running across a reload)."""
+        return subprocess.Popen(self._enter(list(argv)), env={"PATH": PATH}, cwd="/", **kwargs)
+
     def systemctl(self, *args: str, check: bool = True,
                   timeout: float = 60) -> subprocess.CompletedProcess:
         return self.run(["systemctl", "--no-pager", *args], check=check, timeout=timeout)

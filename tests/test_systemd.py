@@ -1,0 +1,283 @@
+"""tunvpnd@.service under a real systemd (PID 1 of a throw-away box, tests/sdbox.py).
+
+Inside each box: the lab topology in network namespaces, the shipped unit with a test-only
+drop-in `NetworkNamespacePath=` per instance (the client in HostU, the server in the VPN server
+host), profiles in /etc/tunvpn, and the daemon as installed on the host (/usr/local/bin/tunvpnd,
+the venv under /opt/tunvpnd). Everything the unit's hardening forbids would fail here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import REPO, client_profile, server_profile
+from tests.sdbox import SystemdBox, host_diff, host_snapshot
+from tunvpnd.lab import wait_until
+
+UNIT = REPO / "systemd" / "tunvpnd@.service"
+TARGET = REPO / "systemd" / "tunvpnd.target"
+PYTHON = "/opt/tunvpnd/bin/python"
+HOSTV = "192.168.60.5"
+NETNS = {"client": "lab-hostu", "server": "lab-server"}
+CAP_NET_ADMIN = 1 << 12
+
+pytestmark = pytest.mark.skipif(shutil.which("tunvpnd") is None,
+                                reason="tunvpnd is not installed (sh packaging/install.sh)")
+
+
+@pytest.fixture
+def box():
+    before = host_snapshot()
+    sdbox = SystemdBox("tvsd")
+    try:
+        sdbox.start()
+        install(sdbox)
+        yield sdbox
+    finally:
+        sdbox.stop()
+    assert host_diff(before, host_snapshot()) == {}
+
+
+def install(box: SystemdBox) -> None:
+    """The units as shipped, the lab topology, and a drop-in per instance for its namespace."""
+    box.write_file("/etc/systemd/system/tunvpnd@.service", UNIT.read_text())
+    box.write_file("/etc/systemd/system/tunvpnd.target", TARGET.read_text())
+    for instance, netns in NETNS.items():
+        box.write_file(f"/etc/systemd/system/tunvpnd@{instance}.service.d/test-netns.conf",
+                       f"[Service]\nNetworkNamespacePath=/run/netns/{netns}\n")
+    box.run([PYTHON, "-c", "from tunvpnd.lab import Lab; Lab('lab').up()"])
+    box.write_file("/etc/tunvpn/server.yaml", server_profile())
+    box.write_file("/etc/tunvpn/client.yaml", client_profile())
+    box.systemctl("daemon-reload")
+
+
+def in_netns(box: SystemdBox, instance: str, *argv: str, check: bool = True,
+             timeout: float = 60) -> subprocess.CompletedProcess:
+    return box.run(["ip", "netns", "exec", NETNS.get(instance, instance), *argv], check=check,
+                   timeout=timeout)
+
+
+def show(box: SystemdBox, unit: str, prop: str) -> str:
+    return box.systemctl("show", "-p", prop, "--value", unit).stdout.strip()
+
+
+def routes(box: SystemdBox, instance: str) -> list[str]:
+    out = in_netns(box, instance, "ip", "-j", "route", "show", "proto", "86").stdout
+    return sorted(r["dst"] for r in json.loads(out or "[]"))
+
+
+def tun_ifindexes(box: SystemdBox, instance: str) -> list[int]:
+    out = in_netns(box, instance, "ip", "-j", "-d", "link", "show").stdout
+    return [link["ifindex"] for link in json.loads(out)
+            if link.get("linkinfo", {}).get("info_kind") == "tun"]
+
+
+def forwarding(box: SystemdBox, instance: str) -> dict[str, str]:
+    """The IPv4 forwarding flag of each ethN link in the instance's namespace."""
+    out = in_netns(box, instance, "sh", "-c",
+                   "grep . /proc/sys/net/ipv4/conf/eth*/forwarding").stdout
+    return {line.split("/")[-2]: line.rsplit(":", 1)[1] for line in out.splitlines()}
+
+
+def ping(box: SystemdBox, count: int = 3, interval: str = "0.2") -> subprocess.CompletedProcess:
+    return in_netns(box, "client", "ping", "-c", str(count), "-i", interval, "-W", "2", HOSTV)
+
+
+def journal(box: SystemdBox, unit: str, *args: str) -> list[dict]:
+    out = box.journalctl("-u", unit, "-o", "json", "--no-pager", *args).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def messages(box: SystemdBox, unit: str, *args: str) -> list[str]:
+    return [entry["MESSAGE"] for entry in journal(box, unit, *args)
+            if isinstance(entry.get("MESSAGE"), str)]
+
+
+def start_tunnel(box: SystemdBox) -> None:
+    box.systemctl("start", "tunvpnd@server", "tunvpnd@client")
+
+
+# -- the unit file itself -------------------------------------------------------------------
+
+def test_unit_verifies_and_exposure_is_at_most_2(tmp_path):
+    unit = tmp_path / "tunvpnd@client.service"
+    unit.write_text(UNIT.read_text())
+    (tmp_path / "tunvpnd.target").write_text(TARGET.read_text())
+    verify = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0 and verify.stderr == "", verify.stderr
+    security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                              capture_output=True, text=True, timeout=60)
+    score = re.search(r"Overall exposure level for .*: (\d+\.\d+)", security.stdout)
+    assert score, security.stdout + security.stderr
+    print(f"systemd-analyze security exposure: {score.group(1)}")
+    assert float(score.group(1)) <= 2.0
+
+
+# -- under systemd ----------------------------------------------------------------------------
+
+def test_start_ready_only_with_tunnel_up_and_working(box):
+    start_tunnel(box)  # returns once READY=1 arrived, or fails
+    # so the TUN and its routes exist the moment the unit is active
+    assert routes(box, "client") == ["192.168.60.0/24"]
+    assert len(tun_ifindexes(box, "server")) == 1
+    for unit in ("tunvpnd@server", "tunvpnd@client"):
+        assert show(box, unit, "ActiveState") == "active"
+        assert show(box, unit, "SubState") == "running"
+    ping(box)
+    in_netns(box, "lab-hostv", PYTHON, "-c", "import sys")  # the namespace exists
+    echo = box.run(["sh", "-c",
+                    f"ip netns exec lab-hostv {PYTHON} -m tunvpnd.lab echo-server 9000 & "
+                    f"sleep 0.5; ip netns exec lab-hostu {PYTHON} -m tunvpnd.lab echo-client "
+                    f"{HOSTV} 9000 153600; wait"], timeout=60)
+    assert "153600 bytes echoed back identical" in echo.stdout
+    status = box.systemctl("status", "--no-pager", "tunvpnd@client", check=False).stdout
+    assert re.search(r"Status: \"server 10\.9\.0\.11:9090; rx \d+ pkts", status), status
+
+
+def test_hardening_is_in_force(box):
+    start_tunnel(box)
+    pid = show(box, "tunvpnd@client", "MainPID")
+    proc = box.read_file(f"/proc/{pid}/status")
+    uid = int(re.search(r"^Uid:\s+(\d+)", proc, re.M).group(1))
+    effective = int(re.search(r"^CapEff:\s+([0-9a-f]+)", proc, re.M).group(1), 16)
+    bounding = int(re.search(r"^CapBnd:\s+([0-9a-f]+)", proc, re.M).group(1), 16)
+    assert uid != 0  # DynamicUser
+    assert effective == CAP_NET_ADMIN and bounding == CAP_NET_ADMIN
+    assert re.search(r"^NoNewPrivs:\s+1", proc, re.M)
+    assert re.search(r"^Seccomp:\s+2", proc, re.M)  # SystemCallFilter
+    ping(box)
+
+
+def test_journal_priorities_and_no_double_timestamps(box):
+    start_tunnel(box)
+    ping(box)
+    # a warning: a key that needs a restart; then an error: a broken profile
+    box.write_file("/etc/tunvpn/client.yaml", client_profile().replace("tun0", "tun7"))
+    box.systemctl("reload", "tunvpnd@client")
+    box.write_file("/etc/tunvpn/client.yaml", client_profile() + "bogus: 1\n")
+    box.systemctl("reload", "tunvpnd@client")
+    entries = [e for e in journal(box, "tunvpnd@client") if e.get("SYSLOG_IDENTIFIER") ==
+               "tunvpnd"]
+    assert any("client tun0 up" in e["MESSAGE"] and e["PRIORITY"] == "6" for e in entries)
+    assert any("restart the service" in e["MESSAGE"] and e["PRIORITY"] == "4" for e in entries)
+    assert any("bogus: unknown key" in e["MESSAGE"] and e["PRIORITY"] == "3" for e in entries)
+    for entry in entries:
+        assert not re.match(r"\d{4}-\d\d-\d\d", entry["MESSAGE"]), entry["MESSAGE"]
+        assert not entry["MESSAGE"].startswith("<")
+    warnings = journal(box, "tunvpnd@client", "-p", "warning")
+    assert warnings and all(int(e["PRIORITY"]) <= 4 for e in warnings)
+
+
+def test_reload_adds_route_live_and_survives_a_broken_profile(box):
+    start_tunnel(box)
+    pid = show(box, "tunvpnd@client", "MainPID")
+    index = tun_ifindexes(box, "client")
+    pinger = box.popen(["ip", "netns", "exec", NETNS["client"], "ping", "-c", "40", "-i", "0.1",
+                        "-W", "1", HOSTV], stdout=subprocess.PIPE, text=True)
+    try:
+        box.write_file("/etc/tunvpn/client.yaml",
+                       client_profile(routes="192.168.60.0/24, 192.168.70.0/24"))
+        box.systemctl("reload", "tunvpnd@client")
+        assert routes(box, "client") == ["192.168.60.0/24", "192.168.70.0/24"]
+        assert show(box, "tunvpnd@client", "MainPID") == pid
+        assert tun_ifindexes(box, "client") == index
+        out, _ = pinger.communicate(timeout=30)
+    finally:
+        if pinger.poll() is None:
+            pinger.kill()
+    assert "40 packets transmitted, 40 received" in out  # the tunnel never dropped
+
+    box.write_file("/etc/tunvpn/client.yaml", client_profile() + "\nmtu: [\n")
+    box.systemctl("reload", "tunvpnd@client")
+    assert show(box, "tunvpnd@client", "ActiveState") == "active"
+    assert show(box, "tunvpnd@client", "MainPID") == pid
+    assert any("/etc/tunvpn/client.yaml:" in m and "YAML" in m
+               for m in messages(box, "tunvpnd@client"))
+    ping(box)
+
+
+def test_reload_of_the_target_reaches_every_instance(box):
+    box.systemctl("start", "tunvpnd.target", "tunvpnd@server", "tunvpnd@client")
+    box.write_file("/etc/tunvpn/client.yaml",
+                   client_profile(routes="192.168.60.0/24, 192.168.71.0/24"))
+    box.systemctl("reload", "tunvpnd.target")
+    wait_until(lambda: routes(box, "client") == ["192.168.60.0/24", "192.168.71.0/24"], 10,
+               what="the client's new route after reloading the target")
+    assert any("reloaded" in m for m in messages(box, "tunvpnd@server"))
+
+
+def test_bad_profile_fails_with_78_and_is_not_restarted(box):
+    box.write_file("/etc/tunvpn/client.yaml", client_profile().replace("mode: client",
+                                                                       "mode: clint"))
+    result = box.systemctl("start", "tunvpnd@client", check=False)
+    assert result.returncode != 0
+    assert show(box, "tunvpnd@client", "ExecMainStatus") == "78"
+    assert show(box, "tunvpnd@client", "ActiveState") == "failed"
+    started = time.monotonic()
+    # RestartSec is 2 s: wait past it and see that no restart happened
+    wait_until(lambda: time.monotonic() - started > 3, 5)
+    assert show(box, "tunvpnd@client", "NRestarts") == "0"
+    lines = messages(box, "tunvpnd@client", "-p", "err")
+    assert any(m.startswith("/etc/tunvpn/client.yaml:1: mode: must be one of client, server")
+               for m in lines), lines
+    assert tun_ifindexes(box, "client") == []
+
+
+def test_kill9_is_restarted_cleanly(box):
+    start_tunnel(box)
+    ping(box)
+    before = forwarding(box, "server")
+    pid = show(box, "tunvpnd@server", "MainPID")
+    killed = time.monotonic()
+    box.run(["kill", "-9", pid])
+    wait_until(lambda: show(box, "tunvpnd@server", "NRestarts") == "1" and
+               show(box, "tunvpnd@server", "ActiveState") == "active", 20,
+               what="systemd to restart the server")
+    assert show(box, "tunvpnd@server", "MainPID") != pid
+
+    def tunnel_works() -> bool:
+        return in_netns(box, "client", "ping", "-c", "1", "-W", "1", HOSTV,
+                        check=False).returncode == 0
+
+    wait_until(tunnel_works, 20, interval=0.1, what="the tunnel to work again")
+    print(f"kill -9 to a working tunnel again: {time.monotonic() - killed:.2f} s")
+    assert len(tun_ifindexes(box, "server")) == 1
+    assert any("undid what an earlier run left behind" in m
+               for m in messages(box, "tunvpnd@server"))
+    assert forwarding(box, "server") == before
+
+
+def test_watchdog_restarts_a_stopped_daemon(box):
+    box.write_file("/etc/systemd/system/tunvpnd@client.service.d/test-watchdog.conf",
+                   "[Service]\nWatchdogSec=2s\n")
+    box.systemctl("daemon-reload")
+    start_tunnel(box)
+    pid = show(box, "tunvpnd@client", "MainPID")
+    box.run(["kill", "-STOP", pid])
+    wait_until(lambda: show(box, "tunvpnd@client", "NRestarts") == "1" and
+               show(box, "tunvpnd@client", "ActiveState") == "active", 30,
+               what="the watchdog to restart the client")
+    assert show(box, "tunvpnd@client", "MainPID") != pid
+    assert any("atchdog timeout" in m for m in box.journalctl("--no-pager").stdout.splitlines())
+    wait_until(lambda: in_netns(box, "client", "ping", "-c", "1", "-W", "1", HOSTV,
+                                check=False).returncode == 0, 20, what="the tunnel again")
+
+
+def test_stop_puts_everything_back(box):
+    before = forwarding(box, "server")
+    assert before == {"eth0": "0", "eth1": "0"}
+    start_tunnel(box)
+    assert forwarding(box, "server") == {"eth0": "1", "eth1": "1"}
+    box.systemctl("stop", "tunvpnd@client", "tunvpnd@server")
+    for instance in ("client", "server"):
+        assert tun_ifindexes(box, instance) == []
+        assert routes(box, instance) == []
+        assert show(box, f"tunvpnd@{instance}", "ExecMainStatus") == "0"
+    assert forwarding(box, "server") == before
