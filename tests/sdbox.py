@@ -874,3 +874,18 @@ def host_diff(before: dict, after: dict) -> dict:
         if a != b:
             diff[key] = {"removed": sorted(a - b), "added": sorted(b - a)}
     return diff
+
+
+# Shared with whatever else runs on this host (other test suites add and delete network
+# namespaces and links there): checked by name instead of by equality.
+SHARED_KEYS = ("netns", "links")
+
+
+def assert_host_same(before: dict, after: dict, token: str) -> None:
+    """The host looks as in `before`; for shared keys, nothing named with `token` changed."""
+    diff = host_diff(before, after)
+    strict = {k: v for k, v in diff.items() if k not in SHARED_KEYS}
+    assert strict == {}, f"host changed: {json.dumps(strict, indent=1)}"
+    for key in SHARED_KEYS:
+        for item in diff.get(key, {}).get("added", []) + diff.get(key, {}).get("removed", []):
+            assert token not in item, f"box leaked {key} onto the host: {item}"

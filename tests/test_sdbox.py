@@ -12,17 +12,13 @@ from tests.sdbox import (
     BoxCommandError,
     SystemdBox,
     _hierarchies,
-    host_diff,
+    assert_host_same,
     host_snapshot,
     remove_stale_cgroups,
     sdbox,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="SystemdBox needs root")
-
-# Shared with whatever else runs on this host (other test suites add and delete network
-# namespaces and links there); checked by name instead of by equality, see _assert_host_same.
-SHARED_KEYS = ("netns", "links")
 
 NOTIFY_SCRIPT = """\
 import os, socket, time
@@ -47,15 +43,6 @@ def _poll(fn, timeout=10.0, what="condition"):
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.02)
-
-
-def _assert_host_same(before, after, token):
-    diff = host_diff(before, after)
-    strict = {k: v for k, v in diff.items() if k not in SHARED_KEYS}
-    assert strict == {}, f"host changed: {json.dumps(strict, indent=1)}"
-    for key in SHARED_KEYS:
-        for item in diff.get(key, {}).get("added", []) + diff.get(key, {}).get("removed", []):
-            assert token not in item, f"box leaked {key} onto the host: {item}"
 
 
 def _box_cgroups_gone(box):
@@ -202,7 +189,7 @@ def test_host_untouched_by_a_box():
     assert open("/proc/sys/net/ipv4/ip_forward").read() == fwd
     assert not os.path.exists("/dev/log")
     after = host_snapshot()
-    _assert_host_same(before, after, token)
+    assert_host_same(before, after, token)
     assert subprocess.run(["findmnt", "-no", "OPTIONS", "/sys/fs/cgroup"], capture_output=True,
                           text=True, check=True).stdout.startswith("rw,")
 
@@ -218,7 +205,7 @@ def test_kill_path_and_fixture_generator():
         next(gen)  # the fixture's own teardown: stop() again is a no-op
     with pytest.raises(Exception, match="not running"):
         b.run(["true"])
-    _assert_host_same(before, host_snapshot(), b.name)
+    assert_host_same(before, host_snapshot(), b.name)
 
 
 def test_stale_cgroups_removed_by_prefix():

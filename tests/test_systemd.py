@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import time
 
 import pytest
 
 from tests.conftest import REPO, client_profile, server_profile
-from tests.sdbox import SystemdBox, host_diff, host_snapshot
+from tests.sdbox import SystemdBox, assert_host_same, host_snapshot
 from tunvpnd.lab import wait_until
 
 UNIT = REPO / "systemd" / "tunvpnd@.service"
@@ -27,8 +26,6 @@ HOSTV = "192.168.60.5"
 NETNS = {"client": "lab-hostu", "server": "lab-server"}
 CAP_NET_ADMIN = 1 << 12
 
-pytestmark = pytest.mark.skipif(shutil.which("tunvpnd") is None,
-                                reason="tunvpnd is not installed (sh packaging/install.sh)")
 
 
 @pytest.fixture
@@ -41,7 +38,7 @@ def box():
         yield sdbox
     finally:
         sdbox.stop()
-    assert host_diff(before, host_snapshot()) == {}
+    assert_host_same(before, host_snapshot(), sdbox.name)
 
 
 def install(box: SystemdBox) -> None:
