@@ -180,3 +180,48 @@ def test_hostile_datagrams_are_dropped_and_counted(lab, daemons):
     assert server.proc.poll() is None
     ping(lab, "hostu", HOSTV)
     assert "dropped 57" in status
+
+
+def test_client_restart_on_a_new_port_is_followed(lab, daemons):
+    """NAT rebinding, for real: a new client socket means a new source port."""
+    server, client = tunnel(lab, daemons)
+    ping(lab, "hostu", HOSTV)
+    assert client.stop() == 0
+    client.restart()
+    ping(lab, "hostu", HOSTV)
+    server.wait_status(lambda s: s.startswith("1 peers") and "rx 6 pkts" in s)
+
+
+@pytest.mark.parametrize("lab", [1], indirect=True)
+def test_sighup_applies_a_new_peer_list(lab, daemons):
+    hostu = """peers:
+  - name: hostu
+    allowed_ips: [192.168.53.99/32]
+"""
+    hostu2 = hostu + """  - name: hostu2
+    allowed_ips: [192.168.53.98/32]
+    endpoint: 10.9.0.6
+"""
+    server = daemons(lab, "server", server_profile(extra=hostu))
+    daemons(lab, "hostu", client_profile(), name="client1")
+    daemons(lab, "hostu2", client_profile(address="192.168.53.98/24"), name="client2")
+    ping(lab, "hostu", HOSTV)
+    assert ping(lab, "hostu2", HOSTV, count=1, check=False).returncode != 0
+    server.wait_status(lambda s: "unknown_source" in s)
+    server.profile.write_text(server_profile(extra=hostu2))
+    mark = len(server.fields())
+    server.signal(signal.SIGHUP)
+    server.wait_for("READY=1", after=server.wait_for("RELOADING=1", after=mark))
+    ping(lab, "hostu2", HOSTV)
+    ping(lab, "hostu", HOSTV)  # the peer that stayed kept its endpoint
+    assert "peers: hostu, hostu2" in server.log()
+
+
+def test_ipv6_underlay(lab, daemons):
+    for role, address in (("server", "fd09::11/64"), ("hostu", "fd09::5/64")):
+        in_ns(lab, role, ["ip", "addr", "add", address, "dev", "eth0", "nodad"])
+    server = daemons(lab, "server", server_profile().replace("0.0.0.0:9090", "'[::]:9090'"))
+    client = daemons(lab, "hostu", client_profile().replace("10.9.0.11:9090", "'[fd09::11]:9090'"))
+    ping(lab, "hostu", HOSTV)
+    assert client.status().startswith("server [fd09::11]:9090")
+    server.wait_status(lambda s: s.startswith("1 peers") and "rx 3 pkts" in s)
