@@ -1,0 +1,266 @@
+"""The configurations under test, one class each: start the tunnel in a lab, name its processes,
+stop it.
+
+Every one carries HostU (10.9.0.5) -> server (10.9.0.11 / 192.168.60.11) -> HostV
+(192.168.60.5). Tunnels use 192.168.53.1 (server) and 192.168.53.99 (client), and the TUN MTU
+1420 of tunvpnd and WireGuard, so every tunnel moves the same packet sizes. The harness
+configures namespaces with `ip` and `sysctl`; only tunvpnd configures itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tunvpnd.lab import Lab, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "etc" / "tunvpn"
+SERVER_TUN, CLIENT_TUN = "192.168.53.1", "192.168.53.99"
+LAN = "192.168.60.0/24"
+MTU = "1420"
+START_TIMEOUT = 15.0
+
+
+def run_ok(lab: Lab, role: str, argv: list[str], timeout: float = 10) -> str:
+    result = lab.run(role, argv, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"{role}: {' '.join(argv)}: {result.stderr.strip()}")
+    return result.stdout
+
+
+def tail(path: Path, n: int = 5) -> str:
+    with contextlib.suppress(OSError):
+        return " | ".join(path.read_text(errors="replace").splitlines()[-n:])
+    return ""
+
+
+class Tunnel:
+    """Base: processes started in the lab, stopped by PID (SIGTERM, then SIGKILL)."""
+
+    name = ""
+    needs: tuple[str, ...] = ()      # executables that must be on PATH
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+
+    def missing(self) -> str | None:
+        """Why this config cannot run here, or None."""
+        absent = [tool for tool in self.needs if shutil.which(tool) is None]
+        return f"not installed: {', '.join(absent)}" if absent else None
+
+    def start(self, lab: Lab, workdir: Path) -> None:
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def spawn(self, lab: Lab, role: str, argv: list[str], log: Path,
+              env: dict | None = None) -> subprocess.Popen:
+        self.logs.append(log)
+        with open(log, "ab") as out:
+            proc = lab.spawn(role, argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                             stderr=subprocess.STDOUT, cwd="/")
+        self.procs.append(proc)
+        return proc
+
+    def check_alive(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{self.name}: {proc.args[0]} exited with {proc.returncode}: "
+                                   f"{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return " || ".join(f"{log.name}: {tail(log)}" for log in self.logs)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        self.procs.clear()
+
+
+class Routing(Tunnel):
+    """No tunnel: HostU reaches HostV through the server by plain IP forwarding."""
+
+    name = "routing"
+
+    def start(self, lab: Lab, workdir: Path) -> None:
+        run_ok(lab, "server", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        run_ok(lab, "hostu", ["ip", "route", "add", LAN, "via", lab.addresses["server"]])
+        run_ok(lab, "hostv", ["ip", "route", "add", "10.9.0.0/24", "via", "192.168.60.11"])
+
+
+class TunvpndDaemon:
+    """The notify socket of one daemon: READY=1 and the latest STATUS= line."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.fields: list[str] = []
+
+    def poll(self) -> list[str]:
+        while True:
+            try:
+                self.fields += self.sock.recv(4096).decode().split("\n")
+            except BlockingIOError:
+                return self.fields
+
+    def status(self) -> str:
+        statuses = [f[7:] for f in self.poll() if f.startswith("STATUS=")]
+        return statuses[-1] if statuses else ""
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Tunvpnd(Tunnel):
+    """Our daemons, as users run them: `python -m tunvpnd run PROFILE`."""
+
+    name = "tunvpnd"
+
+    def __init__(self, server_profile: Path = EXAMPLES / "server.yaml",
+                 client_profile: Path = EXAMPLES / "client.yaml") -> None:
+        super().__init__()
+        self.profiles = {"server": server_profile, "hostu": client_profile}
+        self.notify: dict[str, TunvpndDaemon] = {}
+
+    def start(self, lab: Lab, workdir: Path) -> None:
+        for role, profile in self.profiles.items():
+            sock = workdir / f"{role}.notify"
+            self.notify[role] = TunvpndDaemon(sock)
+            env = {"TUNVPN_RUN_DIR": str(workdir / f"run-{role}"), "NOTIFY_SOCKET": str(sock),
+                   "PYTHONUNBUFFERED": "1"}
+            self.spawn(lab, role, [sys.executable, "-m", "tunvpnd", "run", str(profile)],
+                       workdir / f"tunvpnd-{role}.log", env)
+
+        def ready() -> bool:
+            self.check_alive()
+            return all("READY=1" in n.poll() for n in self.notify.values())
+
+        wait_until(ready, START_TIMEOUT, 0.05, "tunvpnd READY=1")
+
+    @property
+    def server_pid(self) -> int:
+        return self.procs[0].pid
+
+    def stop(self) -> None:
+        super().stop()
+        for notify in self.notify.values():
+            notify.close()
+
+
+class OpenVPN(Tunnel):
+    """OpenVPN 2.6 point-to-point over UDP, no TLS, no cipher, no DCO: a bare userspace tunnel."""
+
+    needs = ("openvpn",)
+    PORT = "1194"
+
+    def __init__(self, tuned: bool = False) -> None:
+        super().__init__()
+        self.tuned = tuned
+        self.name = "openvpn-tuned" if tuned else "openvpn-none"
+
+    def argv(self, *extra: str) -> list[str]:
+        argv = ["openvpn", "--dev", "tun0", "--dev-type", "tun", "--proto", "udp",
+                "--disable-dco", "--cipher", "none", "--auth", "none",
+                "--allow-compression", "no", "--tun-mtu", MTU, "--verb", "3", *extra]
+        if self.tuned:
+            argv += ["--sndbuf", "4194304", "--rcvbuf", "4194304", "--txqueuelen", "2000"]
+        return argv
+
+    def start(self, lab: Lab, workdir: Path) -> None:
+        run_ok(lab, "server", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        server, client = (workdir / f"{self.name}-server.log", workdir / f"{self.name}-hostu.log")
+        self.spawn(lab, "server", self.argv("--lport", self.PORT,
+                                            "--ifconfig", SERVER_TUN, CLIENT_TUN), server)
+
+        def bound() -> bool:       # a client that starts first is refused, then waits 10 s
+            self.check_alive()
+            return "link local (bound)" in tail(server, 50)
+
+        wait_until(bound, START_TIMEOUT, 0.05, f"{self.name}: the server's UDP socket")
+        self.spawn(lab, "hostu", self.argv("--nobind", "--remote", lab.addresses["server"],
+                                           self.PORT, "--ifconfig", CLIENT_TUN, SERVER_TUN),
+                   client)
+
+        def ready() -> bool:
+            self.check_alive()
+            return all("Initialization Sequence Completed" in tail(log, 50)
+                       for log in (server, client))
+
+        wait_until(ready, START_TIMEOUT, 0.1, f"{self.name}: Initialization Sequence Completed")
+        run_ok(lab, "hostu", ["ip", "route", "add", LAN, "dev", "tun0"])
+
+
+class WireGuardGo(Tunnel):
+    """WireGuard in userspace (wireguard-go), configured with `wg` and `ip`."""
+
+    name = "wireguard-go"
+    needs = ("wireguard-go", "wg")
+    PORT = "51820"
+    SOCKET_DIR = Path("/var/run/wireguard")   # wireguard-go's UAPI sockets: shared by all netns
+
+    def __init__(self) -> None:
+        super().__init__()
+        # The UAPI socket is named after the interface outside any namespace: unique names.
+        tag = f"{time.monotonic_ns() % 10**6:06d}"
+        self.ifnames = {"server": f"wgb{tag}s", "hostu": f"wgb{tag}c"}
+
+    def start(self, lab: Lab, workdir: Path) -> None:
+        pub = {}
+        for role in self.ifnames:
+            key = workdir / f"wg-{role}.key"
+            key.touch(mode=0o600)
+            key.write_text(run_ok(lab, role, ["wg", "genkey"]))
+            pub[role] = lab.run(role, ["wg", "pubkey"], input=key.read_text(),
+                                timeout=10).stdout.strip()
+        for role, ifname in self.ifnames.items():
+            self.spawn(lab, role, ["wireguard-go", ifname], workdir / f"wg-{role}.log",
+                       env={"WG_PROCESS_FOREGROUND": "1"})
+
+        def sockets() -> bool:
+            self.check_alive()
+            return all((self.SOCKET_DIR / f"{i}.sock").exists() for i in self.ifnames.values())
+
+        wait_until(sockets, START_TIMEOUT, 0.05, "wireguard-go UAPI sockets")
+        s, c = self.ifnames["server"], self.ifnames["hostu"]
+        run_ok(lab, "server", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        run_ok(lab, "server", ["wg", "set", s, "listen-port", self.PORT,
+                               "private-key", str(workdir / "wg-server.key"),
+                               "peer", pub["hostu"], "allowed-ips", f"{CLIENT_TUN}/32"])
+        run_ok(lab, "hostu", ["wg", "set", c, "private-key", str(workdir / "wg-hostu.key"),
+                              "peer", pub["server"], "allowed-ips", f"192.168.53.0/24,{LAN}",
+                              "endpoint", f"{lab.addresses['server']}:{self.PORT}"])
+        for role, ifname, address in (("server", s, SERVER_TUN), ("hostu", c, CLIENT_TUN)):
+            run_ok(lab, role, ["ip", "link", "set", ifname, "mtu", MTU])
+            run_ok(lab, role, ["ip", "addr", "add", f"{address}/24", "dev", ifname])
+            run_ok(lab, role, ["ip", "link", "set", ifname, "up"])
+        run_ok(lab, "hostu", ["ip", "route", "add", LAN, "dev", c])
+
+    def stop(self) -> None:
+        super().stop()
+        for ifname in self.ifnames.values():      # left behind only if it was SIGKILLed
+            (self.SOCKET_DIR / f"{ifname}.sock").unlink(missing_ok=True)
+
+
+def all_configs() -> list[Tunnel]:
+    """A fresh instance of every configuration, in table order."""
+    return [Routing(), Tunvpnd(), OpenVPN(), OpenVPN(tuned=True), WireGuardGo()]
+
+
+CONFIG_NAMES = [c.name for c in all_configs()]
