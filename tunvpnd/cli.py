@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from . import __version__
+from .profile import Profile
 
 EX_CONFIG = 78  # sysexits.h: the unit's RestartPreventExitStatus= keeps a bad profile from looping
 
@@ -59,12 +61,10 @@ def run_or_check(command: str, name: str, config_dir: str | None) -> int:
 
 
 def _error(text: str) -> None:
-    import logging
-
     logging.getLogger("tunvpnd").error("%s", text)
 
 
-def summary(profile) -> str:
+def summary(profile: Profile) -> str:
     """One line that says what the profile will do."""
     addresses = " ".join(map(str, profile.addresses))
     if profile.mode == "client":

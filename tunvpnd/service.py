@@ -12,6 +12,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import replace
 from ipaddress import ip_network
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class Daemon:
         self.sock = None
         self.forwarder: Forwarder | None = None
         self.server_peer: Peer | None = None
+        self.core: Core | None = None
         self._resolving: threading.Thread | None = None
         self._resolved: tuple | None = None
         self._resolve_error: str = ""
@@ -173,7 +175,7 @@ class Daemon:
         for key in ("mode", "listen", "ifname", "forward"):
             if getattr(new, key) != getattr(old, key):
                 log.warning("%s changed: restart the service to apply it", key)
-                new = _keep(new, key, getattr(old, key))
+                new = replace(new, **{key: getattr(old, key)})
         try:
             if (new.addresses, new.mtu) != (old.addresses, old.mtu):
                 self.netconf.setup_interface(self.ifname, new.addresses, new.mtu)
@@ -316,13 +318,13 @@ class Daemon:
 
     def status(self) -> str:
         """One ASCII line for STATUS= (sdnotify silently drops text it cannot encode)."""
-        c: Counters = self.core.counters if getattr(self, "core", None) else Counters()
+        c = self.core.counters if self.core else Counters()
         if self.profile.mode == "client":
             server = self.server_peer
             who = (f"server {transport.format_endpoint(server.endpoint)}"
                    if server and server.endpoint else f"resolving {self._server_text()}")
         else:
-            who = f"{len(self.core.peers) if getattr(self, 'core', None) else 0} peers"
+            who = f"{len(self.core.peers) if self.core else 0} peers"
         drops = ", ".join(f"{k} {v}" for k, v in c.drops().items())
         text = (f"{who}; rx {c.rx_packets} pkts {c.rx_bytes} B, tx {c.tx_packets} pkts "
                 f"{c.tx_bytes} B, dropped {c.dropped}" + (f" ({drops})" if drops else "")
@@ -341,8 +343,3 @@ def watchdog_interval() -> float:
         return 0.0
     return int(usec) / 1e6 / 3
 
-
-def _keep(profile: Profile, key: str, value: object) -> Profile:
-    from dataclasses import replace
-
-    return replace(profile, **{key: value})
