@@ -470,7 +470,7 @@ def lab_up(prefix: str = DEFAULT_PREFIX, *, daemon_argv: Sequence[str] | None = 
     """
     rc = _up(prefix, daemon_argv, ready_timeout)
     if rc == 0:
-        down = "tunvpnd lab down" + ("" if prefix == DEFAULT_PREFIX else f" {prefix}")
+        down = "tunvpnd lab down" + ("" if prefix == DEFAULT_PREFIX else f" --prefix {prefix}")
         _say(f"lab {prefix}: stop it with: {down}")
     return rc
 
