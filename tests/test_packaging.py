@@ -267,3 +267,38 @@ def test_installs_and_runs_in_a_throwaway_root(deb):
     assert "10.86.0.0/24 proto tunvpnd scope link" in ok("proto")
     ok("purge")
     assert ok("gone") == ""
+
+
+def test_installed_package_runs_the_tunnel_under_systemd(deb):
+    """dpkg -i in a systemd box, then tunvpnd@server and tunvpnd@client from the installed
+    files only: /usr/bin/tunvpnd on Debian's python3 and pyroute2 0.7.2, the unit from
+    /usr/lib/systemd/system, profiles copied from /usr/share/doc/tunvpnd/examples."""
+    from tests.sdbox import SystemdBox, assert_host_same, host_snapshot
+
+    before = host_snapshot()
+    box = SystemdBox("tvpkg", binds={str(deb.parent): "/mnt/deb"})
+    try:
+        box.start()
+        box.run(["dpkg", "-i", f"/mnt/deb/{deb.name}"], timeout=120)
+        box.run(["rm", "-f", "/usr/local/bin/tunvpnd"])  # the pip-installed one must not win
+        assert box.run(["/usr/bin/python3", "-c", "import importlib.metadata as m; "
+                        "print(m.version('pyroute2'))"]).stdout.strip() == "0.7.2"
+        box.run(["/opt/tunvpnd/bin/python", "-c", "from tunvpnd.lab import Lab; Lab('lab').up()"])
+        for instance, netns in (("client", "lab-hostu"), ("server", "lab-server")):
+            box.run(["cp", f"/usr/share/doc/tunvpnd/examples/{instance}.yaml", "/etc/tunvpn/"])
+            box.write_file(f"/etc/systemd/system/tunvpnd@{instance}.service.d/netns.conf",
+                           f"[Service]\nNetworkNamespacePath=/run/netns/{netns}\n")
+        box.systemctl("daemon-reload")
+        box.systemctl("start", "tunvpnd@server", "tunvpnd@client")
+        pid = box.systemctl("show", "-p", "MainPID", "--value", "tunvpnd@client").stdout.strip()
+        cmdline = box.read_file(f"/proc/{pid}/cmdline").split("\0")
+        assert cmdline[:2] == ["/usr/bin/python3", "/usr/bin/tunvpnd"], cmdline
+        box.run(["ip", "netns", "exec", "lab-hostu", "ping", "-c", "3", "-i", "0.2", "-W", "2",
+                 "192.168.60.5"])
+        routes = box.run(["ip", "netns", "exec", "lab-hostu", "ip", "route", "show", "proto",
+                          "tunvpnd"]).stdout
+        assert "192.168.60.0/24 dev tun0" in routes  # rt_protos.d names our routes
+        box.systemctl("stop", "tunvpnd@client", "tunvpnd@server")
+    finally:
+        box.stop()
+    assert_host_same(before, host_snapshot(), box.name)
