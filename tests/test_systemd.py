@@ -230,7 +230,7 @@ def test_bad_profile_fails_with_78_and_is_not_restarted(box):
 def test_kill9_is_restarted_cleanly(box):
     start_tunnel(box)
     ping(box)
-    before = forwarding(box, "server")
+    before = forwarding(box, "server")  # as the running server set them
     pid = show(box, "tunvpnd@server", "MainPID")
     killed = time.monotonic()
     box.run(["kill", "-9", pid])
@@ -246,7 +246,8 @@ def test_kill9_is_restarted_cleanly(box):
     wait_until(tunnel_works, 20, interval=0.1, what="the tunnel to work again")
     print(f"kill -9 to a working tunnel again: {time.monotonic() - killed:.2f} s")
     assert len(tun_ifindexes(box, "server")) == 1
-    assert any("undid what an earlier run left behind" in m
+    # ExecStopPost put back the dead run's forwarding flags before systemd restarted it
+    assert any("undid what a crashed run left behind" in m
                for m in messages(box, "tunvpnd@server"))
     assert forwarding(box, "server") == before
 
@@ -278,3 +279,18 @@ def test_stop_puts_everything_back(box):
         assert routes(box, instance) == []
         assert show(box, f"tunvpnd@{instance}", "ExecMainStatus") == "0"
     assert forwarding(box, "server") == before
+
+
+def test_crash_without_restart_is_cleaned_up_by_exec_stop_post(box):
+    box.write_file("/etc/systemd/system/tunvpnd@server.service.d/test-norestart.conf",
+                   "[Service]\nRestart=no\n")
+    box.systemctl("daemon-reload")
+    before = forwarding(box, "server")
+    start_tunnel(box)
+    assert forwarding(box, "server") != before
+    box.run(["kill", "-9", show(box, "tunvpnd@server", "MainPID")])
+    wait_until(lambda: show(box, "tunvpnd@server", "ActiveState") == "failed", 20,
+               what="the server unit to fail")
+    assert forwarding(box, "server") == before
+    assert any("undid what a crashed run left behind" in m
+               for m in messages(box, "tunvpnd@server"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from . import __version__
 from .profile import Profile
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
                              "CONFIG_DIR/NAME.yaml")
         command.add_argument("--config-dir", help="where instance names are looked up "
                              "(default: $TUNVPN_CONFIG_DIR or /etc/tunvpn)")
+    undo = commands.add_parser(
+        "cleanup", help="undo what a crashed run of PROFILE left outside its TUN (the unit's "
+        "ExecStopPost)")
+    undo.add_argument("profile", help="the profile's path or instance name")
     lab = commands.add_parser("lab", help="the SEED lab topology in network namespaces")
     lab.add_argument("action", choices=("up", "demo", "down"))
     lab.add_argument("--prefix", default="tvlab", help="namespace name prefix (default tvlab)")
@@ -33,7 +38,29 @@ def main(argv: list[str] | None = None) -> int:
         action = {"up": lab_module.lab_up, "demo": lab_module.lab_demo,
                   "down": lab_module.lab_down}[args.action]
         return action(args.prefix)
+    if args.command == "cleanup":
+        return cleanup(args.profile)
     return run_or_check(args.command, args.profile, args.config_dir)
+
+
+def cleanup(name: str) -> int:
+    """Put back what a dead run recorded in its state file; nothing to do after a clean stop.
+
+    Works from the instance name alone, so a profile broken since is no obstacle.
+    """
+    from .logs import setup_logging
+    from .netconf import NetConfig
+    from .service import run_dir
+
+    setup_logging()
+    state = run_dir() / f"{Path(name).stem if name.endswith(('.yaml', '.yml')) else name}.state"
+    if not state.exists():
+        return 0
+    with NetConfig(state) as netconf:
+        for line in netconf.recover():
+            logging.getLogger("tunvpnd").warning("undid what a crashed run left behind: %s",
+                                                 line)
+    return 0
 
 
 def run_or_check(command: str, name: str, config_dir: str | None) -> int:
