@@ -93,6 +93,12 @@ def run_one(name: str, prefix: str, opts: Options, peers: int) -> dict:
 
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version(), "kernel": platform.release()}
+    git = ["git", "-C", str(BENCH.parent)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, timeout=10).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "tunvpnd"],
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    found["tunvpnd"] = f"{head}{' + uncommitted changes in tunvpnd/' if dirty else ''}"
     for tool, flag in (("openvpn", "--version"), ("wireguard-go", "--version"),
                        ("iperf3", "--version")):
         if shutil.which(tool):
