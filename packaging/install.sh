@@ -10,7 +10,8 @@ VENV=/opt/tunvpnd
 APT="python3 python3-venv iproute2 iputils-ping ca-certificates"
 EXTRA=""
 if [ "${1:-}" = "--test" ]; then
-    APT="$APT iperf3 systemd util-linux procps groff-base man-db"
+    APT="$APT iperf3 openvpn wireguard-go wireguard-tools systemd util-linux procps groff-base
+         man-db"
     EXTRA="[test]"
 fi
 export DEBIAN_FRONTEND=noninteractive
