@@ -30,3 +30,4 @@ def test_quick_benchmark_measures_every_configuration(tmp_path):
     assert data["summary"]["tunvpnd"]["rss_mib"]["median"] > 0
     assert set(data["ratios"]) >= {"openvpn-none", "openvpn-tuned", "wireguard-go"}
     assert "tunvpnd / openvpn-tuned" in result.stdout
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
