@@ -3,24 +3,53 @@
 Each ready descriptor is drained until EAGAIN (or a budget, so one busy direction cannot starve
 the other: epoll is level-triggered and brings us straight back). Packets are read into one
 preallocated buffer per direction and handed on as memoryview slices of it.
+
+With offloads (a TUN opened by tun.open_tun_offload) one TUN read may be a TCP super-packet: it
+is split into IP packets, each goes through core.outbound, and the datagrams leave in as few
+sendmsg() calls as UDP GSO allows. One recvmsg() with UDP GRO may hold many datagrams: each goes
+through core.inbound, and consecutive segments of a flow are written to the TUN as one
+super-packet. The packet work is in offload.py; here are only the system calls.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
+import struct
+import sys
 import time
 from collections.abc import Callable
 
+from . import transport
 from .core import Core
+from .offload import (
+    F_NEEDS_CSUM,
+    GSO_NONE,
+    GSO_UDP_L4,
+    NO_VNET_HDR,
+    VNET_HDR,
+    VNET_HDR_LEN,
+    Coalescer,
+    DatagramBatch,
+    finish_checksum,
+    split,
+)
+from .tun import TUN_F_USO4, TUN_F_USO6
 
 BUFFER = 65536  # the largest IP packet; a bigger datagram arrives truncated and fails validation
 BUDGET = 256    # packets per descriptor per wake-up
+SUPER = 2 * 65536  # a TUN super-packet (or a GRO batch) and its headers, with room to spare
+GSO_REFUSED = (errno.EINVAL, errno.EIO, errno.EOPNOTSUPP, errno.EMSGSIZE)
+_SEGMENT_SIZE = struct.Struct("=H")  # the UDP_SEGMENT control message: a native u16
+_GRO_SPACE = socket.CMSG_SPACE(4)  # the UDP_GRO control message: an int
 
 
 class Forwarder:
-    def __init__(self, tun_fd: int, sock: socket.socket, core: Core) -> None:
+    def __init__(self, tun_fd: int, sock: socket.socket, core: Core,
+                 tun_offloads: int = 0) -> None:
+        """`tun_offloads`: the TUN_F_* flags open_tun_offload gave (0: a plain TUN)."""
         self.tun_fd = tun_fd
         self.sock = sock
         self.core = core
@@ -33,6 +62,28 @@ class Forwarder:
         self._net_buf = bytearray(BUFFER)
         self._net_view = memoryview(self._net_buf)
         self.running = False
+        self.offloads = tun_offloads
+        self.gso = self.gro = False
+        if tun_offloads:
+            self.gso = transport.has_gso(sock)
+            self.gro = transport.enable_gro(sock)
+            self._tun_buf = bytearray(VNET_HDR_LEN + SUPER)
+            self._tun_bufs = [self._tun_buf]
+            self._tun_view = memoryview(self._tun_buf)
+            self._net_buf = bytearray(SUPER)
+            self._net_bufs = [self._net_buf]
+            self._net_view = memoryview(self._net_buf)
+            self._segments = memoryview(bytearray(2 * SUPER))
+            self._batch = DatagramBatch(self._send_batch)
+            both_uso = TUN_F_USO4 | TUN_F_USO6
+            self._coalescer = Coalescer(self._write_tun, udp=tun_offloads & both_uso == both_uso)
+
+    def describe_offloads(self) -> str:
+        if not self.offloads:
+            return "off"
+        uso = self.offloads & TUN_F_USO4
+        return (f"TUN checksum, TSO{', USO' if uso else ''}; UDP "
+                f"GSO {'on' if self.gso else 'off'}, GRO {'on' if self.gro else 'off'}")
 
     def connect(self, endpoint: tuple | None) -> None:
         """Client mode: exchange datagrams with `endpoint` only (None: not known yet)."""
@@ -49,6 +100,10 @@ class Forwarder:
         for fd in (tun_fd, sock_fd, wake_fd):
             poller.register(fd, select.EPOLLIN)
         core = self.core
+        if self.offloads:
+            pump_tun, pump_socket = self.pump_tun_offload, self.pump_socket_offload
+        else:
+            pump_tun, pump_socket = self.pump_tun, self.pump_socket
         self.running = True
         next_tick = 0.0
         try:
@@ -58,9 +113,9 @@ class Forwarder:
                     next_tick = now + on_tick(now)
                 for fd, _ in poller.poll(max(0.0, next_tick - now)):
                     if fd == tun_fd:
-                        self.pump_tun()
+                        pump_tun()
                     elif fd == sock_fd:
-                        self.pump_socket()
+                        pump_socket()
                     else:
                         on_wake()
         finally:
@@ -113,6 +168,132 @@ class Forwarder:
             elif core.reply is not None:
                 self.send(*core.reply)
                 core.reply = None
+
+    # -- with offloads -------------------------------------------------------------------------
+
+    def pump_tun_offload(self) -> None:
+        """Packets and super-packets from the kernel, out to their peers in GSO batches."""
+        fd, bufs, buf, view = self.tun_fd, self._tun_bufs, self._tun_buf, self._tun_view
+        outbound, counters = self.core.outbound, self.core.counters
+        segments, add, header = self._segments, self._batch.add, VNET_HDR.unpack_from
+        for _ in range(BUDGET):
+            try:
+                n = os.readv(fd, bufs)
+            except BlockingIOError:
+                break
+            flags, gso_type, _, gso_size, csum_start, csum_offset = header(buf)
+            packet = view[VNET_HDR_LEN:n]
+            if gso_type == GSO_NONE:
+                if flags & F_NEEDS_CSUM and not finish_checksum(packet, csum_start, csum_offset):
+                    counters.tun_failed += 1
+                    continue
+                sealed = outbound(packet)
+                if sealed is not None:
+                    add(*sealed)
+                continue
+            end, size = split(packet, gso_type, gso_size, csum_start, segments)
+            if not end:
+                counters.tun_failed += 1
+                continue
+            packets = segments[:end]
+            for at in range(0, end, size):
+                sealed = outbound(packets[at:at + size])
+                if sealed is not None:
+                    add(*sealed)
+        self._batch.flush()
+
+    def _send_batch(self, data: memoryview, size: int, count: int, endpoint: tuple | None) -> None:
+        """DatagramBatch's output: `count` datagrams of `size` bytes (the last maybe shorter)."""
+        sock, connected = self.sock, self.peer_endpoint
+        try:
+            if count == 1:
+                if connected is not None:
+                    sock.send(data)
+                else:
+                    sock.sendto(data, endpoint)
+                return
+            if self.gso:
+                control = [(transport.SOL_UDP, transport.UDP_SEGMENT, _SEGMENT_SIZE.pack(size))]
+                if connected is not None:
+                    sock.sendmsg([data], control)
+                else:
+                    sock.sendmsg([data], control, 0, endpoint)
+                return
+        except OSError as error:
+            if count == 1 or error.errno not in GSO_REFUSED:
+                self.core.counters.send_failed += count
+                return
+            self.gso = False  # e.g. a path MTU below the segment size: one by one from now on
+        for at in range(0, len(data), size):
+            try:
+                if connected is not None:
+                    sock.send(data[at:at + size])
+                else:
+                    sock.sendto(data[at:at + size], endpoint)
+            except OSError:
+                self.core.counters.send_failed += 1
+
+    def pump_socket_offload(self) -> None:
+        """Datagrams (GRO batches of them) from peers, into the kernel as super-packets."""
+        bufs, view, receive = self._net_bufs, self._net_view, self.sock.recvmsg_into
+        core = self.core
+        inbound, counters, connected = core.inbound, core.counters, self.peer_endpoint
+        add = self._coalescer.add
+        for _ in range(BUDGET):
+            try:
+                n, control, _, source = receive(bufs, _GRO_SPACE)
+            except BlockingIOError:
+                break
+            except OSError:  # ECONNREFUSED: the server's port was closed when we last sent
+                counters.send_failed += 1
+                continue
+            if connected is not None:
+                source = connected
+            size = n
+            for level, kind, data in control:
+                if level == transport.SOL_UDP and kind == transport.UDP_GRO:
+                    size = int.from_bytes(data, sys.byteorder)
+            if 0 < size < n:
+                datagrams = view[:n]
+                for at in range(0, n, size):
+                    packet = inbound(datagrams[at:at + size], source)
+                    if packet is not None:
+                        add(packet)
+                    elif core.reply is not None:
+                        self.send(*core.reply)
+                        core.reply = None
+                continue
+            packet = inbound(view[:n], source)
+            if packet is not None:
+                add(packet)
+            elif core.reply is not None:
+                self.send(*core.reply)
+                core.reply = None
+        self._coalescer.flush()
+
+    def _write_tun(self, data: memoryview, count: int) -> None:
+        """Coalescer's output: a virtio header and a packet standing for `count` packets."""
+        try:
+            os.write(self.tun_fd, data)
+            return
+        except OSError as error:
+            if count == 1 or error.errno != errno.EINVAL:
+                self.core.counters.tun_failed += count
+                return
+        # This kernel does not take such a super-packet: its packets one by one, and no more
+        # merging of that kind.
+        _, gso_type, _, gso_size, csum_start, _ = VNET_HDR.unpack_from(data)
+        if gso_type == GSO_UDP_L4:
+            self._coalescer.udp = False
+        else:
+            self._coalescer.tcp = False
+        end, size = split(data[VNET_HDR_LEN:], gso_type, gso_size, csum_start, self._segments)
+        packets = self._segments[:end]
+        for at in range(0, end, size):
+            try:
+                os.writev(self.tun_fd, [NO_VNET_HDR, packets[at:at + size]])
+            except OSError:
+                self.core.counters.tun_failed += 1
 
     def send(self, payload: bytes, endpoint: tuple) -> None:
         """One datagram outside the hot path (keepalives)."""

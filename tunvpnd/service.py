@@ -25,7 +25,7 @@ from .loop import Forwarder
 from .netconf import NetConfig
 from .peers import Peer, PeerTable
 from .profile import Profile, ProfileError, load_profile
-from .tun import open_tun
+from .tun import open_tun, open_tun_offload
 from .wire import PlainWire
 
 log = logging.getLogger("tunvpnd")
@@ -88,7 +88,11 @@ class Daemon:
         self.netconf = NetConfig(state)
         for line in self.netconf.recover():
             log.warning("undid what an earlier run left behind: %s", line)
-        self.tun_fd, self.ifname = open_tun(p.ifname)
+        offloads = 0
+        if offloads_wanted():
+            self.tun_fd, self.ifname, offloads = open_tun_offload(p.ifname)
+        else:
+            self.tun_fd, self.ifname = open_tun(p.ifname)
         self.ifindex = self.netconf.setup_interface(self.ifname, p.addresses, p.mtu)
         self.netconf.sync_routes(self.ifindex, p.routes)
         if p.forward:
@@ -106,7 +110,7 @@ class Daemon:
             for peer in self._configured_peers(p):
                 peers.add(peer)
         self.core = Core(peers, PlainWire(), echo_keepalives=p.mode == "server")
-        self.forwarder = Forwarder(self.tun_fd, self.sock, self.core)
+        self.forwarder = Forwarder(self.tun_fd, self.sock, self.core, offloads)
         self._apply_logging(p)
         self._apply_learning(p)
         if p.mode == "client":
@@ -116,6 +120,7 @@ class Daemon:
         log.info("%s %s up: %s mtu %d, %s, socket %s", p.mode, self.ifname,
                  " ".join(map(str, p.addresses)), p.mtu,
                  f"routes {' '.join(map(str, p.routes))}" if p.routes else "no routes", where)
+        log.info("offloads: %s", self.forwarder.describe_offloads())
         self.notify("READY=1", f"STATUS={self.status()}")
 
     def cleanup(self) -> None:
@@ -333,6 +338,11 @@ class Daemon:
 
     def notify(self, *fields: str) -> None:
         self.notifier.notify("\n".join(fields))
+
+
+def offloads_wanted() -> bool:
+    """TUN and UDP offloads (the fast path) unless TUNVPN_OFFLOAD=0."""
+    return os.environ.get("TUNVPN_OFFLOAD", "1") != "0"
 
 
 def watchdog_interval() -> float:

@@ -9,6 +9,7 @@ from ipaddress import IPv4Address, ip_address
 # TCP flow through the tunnel loses packets at the socket and retransmits.
 SOCKET_BUFFER = 4 * 1024 * 1024
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # <asm-generic/socket.h>; not in Python's socket module
+SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104  # <linux/udp.h>: GSO send (4.18), GRO receive (5.0)
 
 
 def is_ip(host: str) -> bool:
@@ -77,6 +78,25 @@ def _set_buffer(sock: socket.socket, option: int, forced: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, forced, SOCKET_BUFFER)
     except OSError:
         sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+
+
+def enable_gro(sock: socket.socket) -> bool:
+    """Ask for UDP GRO: one recvmsg() may return several datagrams of one sender back to back,
+    cut at the size a UDP_GRO control message gives. False if the kernel says no."""
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def has_gso(sock: socket.socket) -> bool:
+    """Whether sendmsg() takes a UDP_SEGMENT control message on this socket."""
+    try:
+        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+    except OSError:
+        return False
+    return True
 
 
 def format_endpoint(endpoint: tuple | None) -> str:
