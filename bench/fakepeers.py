@@ -13,31 +13,16 @@ from __future__ import annotations
 
 import select
 import socket
-import struct
 import sys
 import time
 from ipaddress import IPv4Address
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.ipcraft import icmp_echo  # noqa: E402  (the repo's one packet crafter)
 
 BATCH = 100                  # sockets open at once
 REPLY_WAIT = 3.0             # seconds to wait for a batch's replies
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def echo_request(source: IPv4Address, target: IPv4Address, ident: int) -> bytes:
-    icmp = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"tunvpnd-bench"
-    icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), ident, 0, 64, 1, 0,
-                         source.packed, target.packed)
-    header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
-    return header + icmp
 
 
 def inner_source(n: int) -> IPv4Address:
@@ -52,8 +37,8 @@ def main(server: str, port: int, target: str, count: int) -> int:
             for n in range(first, min(first + BATCH, count)):
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 sock.setblocking(False)
-                sock.sendto(echo_request(inner_source(n), IPv4Address(target), n & 0xFFFF),
-                            (server, port))
+                sock.sendto(icmp_echo(str(inner_source(n)), target, ident=n & 0xFFFF,
+                                      data=b"tunvpnd-bench"), (server, port))
                 socks[sock.fileno()] = sock
             waiting = set(socks)
             deadline = time.monotonic() + REPLY_WAIT
