@@ -541,9 +541,9 @@ def test_a_refused_super_packet_is_written_packet_by_packet(monkeypatch):
 
     monkeypatch.setattr(loop.os, "write", write)
     monkeypatch.setattr(loop.os, "writev", writev)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock, open(os.devnull) as tun:
         core = Core(PeerTable(), PlainWire())
-        forwarder = loop.Forwarder(-1, sock, core, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+        forwarder = loop.Forwarder(tun.fileno(), sock, core, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
         packets = stream(n=5)
         for packet in packets:
             forwarder._coalescer.add(memoryview(bytearray(packet)))

@@ -1,8 +1,10 @@
 """The forwarding loop: one thread, epoll on the TUN and the socket, no allocation per packet.
 
 Each ready descriptor is drained until EAGAIN (or a budget, so one busy direction cannot starve
-the other: epoll is level-triggered and brings us straight back). Packets are read into one
-preallocated buffer per direction and handed on as memoryview slices of it.
+the other: epoll is level-triggered and brings us straight back). After the first packet we ask
+poll() whether there is a second before reading again: a lone packet (a ping) is then forwarded
+without waiting for a read to fail with EAGAIN, which costs Python an exception. Packets are
+read into one preallocated buffer per direction and handed on as memoryview slices of it.
 
 With offloads (a TUN opened by tun.open_tun_offload) one TUN read may be a TCP super-packet: it
 is split into IP packets, each goes through core.outbound, and the datagrams leave in as few
@@ -46,6 +48,13 @@ _SEGMENT_SIZE = struct.Struct("=H")  # the UDP_SEGMENT control message: a native
 _GRO_SPACE = socket.CMSG_SPACE(4)  # the UDP_GRO control message: an int
 
 
+def _readable(fd: int) -> Callable[[float], list]:
+    """poll(timeout) on `fd` alone: a non-empty list if it is readable."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return poller.poll
+
+
 class Forwarder:
     def __init__(self, tun_fd: int, sock: socket.socket, core: Core,
                  tun_offloads: int = 0) -> None:
@@ -61,6 +70,8 @@ class Forwarder:
         self._tun_view = memoryview(self._tun_buf)
         self._net_buf = bytearray(BUFFER)
         self._net_view = memoryview(self._net_buf)
+        self._tun_more = _readable(tun_fd)
+        self._sock_more = _readable(sock.fileno())
         self.running = False
         self.offloads = tun_offloads
         self.gso = self.gro = False
@@ -128,7 +139,10 @@ class Forwarder:
         """Packets from the kernel, out to their peers."""
         fd, bufs, view, sock = self.tun_fd, self._tun_bufs, self._tun_view, self.sock
         outbound, counters, connected = self.core.outbound, self.core.counters, self.peer_endpoint
-        for _ in range(BUDGET):
+        more = self._tun_more
+        for i in range(BUDGET):
+            if i == 1 and not more(0):
+                return
             try:
                 n = os.readv(fd, bufs)
             except BlockingIOError:
@@ -148,7 +162,10 @@ class Forwarder:
         """Datagrams from peers, into the kernel."""
         fd, buf, view, sock, core = self.tun_fd, self._net_buf, self._net_view, self.sock, self.core
         inbound, counters, connected = core.inbound, core.counters, self.peer_endpoint
-        for _ in range(BUDGET):
+        more = self._sock_more
+        for i in range(BUDGET):
+            if i == 1 and not more(0):
+                return
             try:
                 if connected is not None:
                     n, source = sock.recv_into(buf), connected
@@ -176,7 +193,10 @@ class Forwarder:
         fd, bufs, buf, view = self.tun_fd, self._tun_bufs, self._tun_buf, self._tun_view
         outbound, counters = self.core.outbound, self.core.counters
         segments, add, header = self._segments, self._batch.add, VNET_HDR.unpack_from
-        for _ in range(BUDGET):
+        more = self._tun_more
+        for i in range(BUDGET):
+            if i == 1 and not more(0):
+                break
             try:
                 n = os.readv(fd, bufs)
             except BlockingIOError:
@@ -239,7 +259,10 @@ class Forwarder:
         core = self.core
         inbound, counters, connected = core.inbound, core.counters, self.peer_endpoint
         add = self._coalescer.add
-        for _ in range(BUDGET):
+        more = self._sock_more
+        for i in range(BUDGET):
+            if i == 1 and not more(0):
+                break
             try:
                 n, control, _, source = receive(bufs, _GRO_SPACE)
             except BlockingIOError:
