@@ -525,7 +525,7 @@ def test_offloads_refused_give_a_plain_tun(ns, monkeypatch):
     in_netns(ns, body)
 
 
-def test_a_refused_super_packet_is_written_packet_by_packet(monkeypatch):
+def test_a_refused_super_packet_is_written_packet_by_packet(monkeypatch, caplog):
     """If the kernel says EINVAL to a GSO write, the loop writes the packets one by one and
     stops merging that kind."""
     written: list[bytes] = []
@@ -550,6 +550,48 @@ def test_a_refused_super_packet_is_written_packet_by_packet(monkeypatch):
         forwarder._coalescer.flush()
         assert written == packets and not forwarder._coalescer.tcp
         assert core.counters.tun_failed == 0
+    assert "the TUN refused a TCP super-packet" in caplog.text
+
+
+class RefusingSocket:
+    """A connected UDP socket whose sendmsg() says EINVAL, as over a path MTU below the
+    segment size."""
+
+    def __init__(self, devnull) -> None:
+        self.devnull = devnull
+        self.sent: list[bytes] = []
+
+    def fileno(self) -> int:
+        return self.devnull.fileno()
+
+    def getsockopt(self, *args) -> int:
+        return 0
+
+    def setsockopt(self, *args) -> None:
+        pass
+
+    def sendmsg(self, buffers, control, *args) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    def send(self, data) -> int:
+        self.sent.append(bytes(data))
+        return len(data)
+
+
+def test_refused_gso_sends_one_by_one(caplog):
+    with open(os.devnull) as devnull:
+        sock = RefusingSocket(devnull)
+        core = Core(PeerTable(), PlainWire())
+        forwarder = loop.Forwarder(devnull.fileno(), sock, core, TUN_F_CSUM | TUN_F_TSO4)
+        forwarder.peer_endpoint = ("10.9.0.11", 9090)
+        assert forwarder.gso
+        packets = stream(n=5)
+        for packet in packets:
+            forwarder._batch.add(memoryview(packet), forwarder.peer_endpoint)
+        forwarder._batch.flush()
+        assert sock.sent == packets and not forwarder.gso
+        assert core.counters.send_failed == 0
+    assert "UDP GSO refused (Invalid argument)" in caplog.text
 
 
 # -- end to end: offload and plain daemons in the lab -----------------------------------------
@@ -648,5 +690,33 @@ def test_offload_and_plain_daemons_interoperate(lab, daemons, plain, family):
     for daemon in (slow, fast):
         status = daemon.wait_status(lambda s: int(s.split(" rx ")[1].split()[0]) > 1000)
         # (no_peer drops are the kernel's own IPv6 chatter on the TUN, nothing of ours)
+        for reason in ("malformed", "tun_failed", "send_failed", "unknown_source"):
+            assert reason not in status, status
+
+
+def test_offloads_over_an_ipv6_underlay(lab, daemons):
+    """UDP GSO and GRO on an IPv6 socket: a 2 MB echo, and nothing fell back to one by one."""
+    for role, address in (("server", "fd09::11/64"), ("hostu", "fd09::5/64")):
+        in_ns(lab, role, ["ip", "addr", "add", address, "dev", "eth0", "nodad"])
+    server = daemons(lab, "server", server_profile().replace("0.0.0.0:9090", "'[::]:9090'"))
+    client = daemons(lab, "hostu", client_profile().replace("10.9.0.11:9090",
+                                                            "'[fd09::11]:9090'"))
+    echo = lab.spawn("hostv", [sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE,
+                     text=True)
+    try:
+        assert "listening" in echo.stdout.readline()
+        nbytes = 2 * 1024 * 1024
+        result = in_ns(lab, "hostu", [sys.executable, "-m", "tunvpnd.lab", "echo-client", HOSTV,
+                                      "9000", str(nbytes)])
+        assert f"{nbytes} bytes echoed back identical" in result.stdout
+    finally:
+        echo.kill()
+        echo.wait()
+        echo.stdout.close()
+    for daemon in (server, client):
+        if "offloads: off" not in daemon.log():
+            assert "GSO on, GRO on" in daemon.log()
+        assert "refused" not in daemon.log()
+        status = daemon.wait_status(lambda s: int(s.split(" rx ")[1].split()[0]) > 1000)
         for reason in ("malformed", "tun_failed", "send_failed", "unknown_source"):
             assert reason not in status, status

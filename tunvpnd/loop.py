@@ -16,6 +16,7 @@ super-packet. The packet work is in offload.py; here are only the system calls.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import select
 import socket
@@ -39,6 +40,8 @@ from .offload import (
     split,
 )
 from .tun import TUN_F_USO4, TUN_F_USO6
+
+log = logging.getLogger("tunvpnd")
 
 BUFFER = 65536  # the largest IP packet; a bigger datagram arrives truncated and fails validation
 BUDGET = 256    # packets per descriptor per wake-up
@@ -243,7 +246,9 @@ class Forwarder:
             if count == 1 or error.errno not in GSO_REFUSED:
                 self.core.counters.send_failed += count
                 return
-            self.gso = False  # e.g. a path MTU below the segment size: one by one from now on
+            # e.g. a path MTU below the segment size: one datagram per sendmsg from now on
+            log.warning("UDP GSO refused (%s): sending datagrams one by one", error.strerror)
+            self.gso = False
         for at in range(0, len(data), size):
             try:
                 if connected is not None:
@@ -306,6 +311,9 @@ class Forwarder:
         # This kernel does not take such a super-packet: its packets one by one, and no more
         # merging of that kind.
         _, gso_type, _, gso_size, csum_start, _ = VNET_HDR.unpack_from(data)
+        kind = "UDP" if gso_type == GSO_UDP_L4 else "TCP"
+        log.warning("the TUN refused a %s super-packet: writing %s packets one by one", kind,
+                    kind)
         if gso_type == GSO_UDP_L4:
             self._coalescer.udp = False
         else:
