@@ -163,7 +163,8 @@ def run_split(packet: bytes | bytearray, gso_type: int, gso_size: int,
 
 # -- checksums --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("length", [0, 1, 2, 3, 20, 21, 1379, 1380, 65535])
+@pytest.mark.parametrize("length", [0, 1, 2, 3, 20, 21, 256, 257, 1379, 1380, 2047, 2048, 2049,
+                                    65535])
 def test_ones_sum_agrees_with_an_independent_checksum(length):
     rng = random.Random(length)
     for data in (bytes(rng.getrandbits(8) for _ in range(length)), b"\xff" * length):

@@ -38,6 +38,7 @@ MAX_IP = 65535                       # IPv4 total length / IPv6 payload length a
 MAX_DATAGRAM = 65507                 # largest UDP payload over IPv4
 MAX_SEGMENTS = 64                    # UDP_MAX_SEGMENTS of older kernels (6.x allows 128)
 
+_MASK_8192, _MASK_4096, _MASK_2048, _MASK_1024 = ((1 << k) - 1 for k in (8192, 4096, 2048, 1024))
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _U16U16 = struct.Struct("!HH")
@@ -54,8 +55,17 @@ def ones_sum(data: memoryview | bytes) -> int:
     """The ones' complement sum of `data` as big-endian 16-bit words (an odd length is padded
     with a zero byte), modulo 0xFFFF."""
     total = int.from_bytes(data, "big")
-    if len(data) & 1:
+    n = len(data)
+    if n & 1:
         total <<= 8
+    if 256 < n <= 2048:
+        # CPython divides a big int digit by digit; halving it first with shifts and adds,
+        # which keep it the same modulo 2**k - 1 and so modulo 0xFFFF (16 divides k), is
+        # faster for packet-sized data (1400 bytes: 1.9 -> 1.4 us).
+        total = (total >> 8192) + (total & _MASK_8192)
+        total = (total >> 4096) + (total & _MASK_4096)
+        total = (total >> 2048) + (total & _MASK_2048)
+        total = (total >> 1024) + (total & _MASK_1024)
     return total % 0xFFFF
 
 
@@ -119,54 +129,75 @@ def split(packet: memoryview | bytes, gso_type: int, gso_size: int, csum_start: 
     if n + (count - 1) * hl > len(out):
         return 0, 0
 
+    # Header templates with the fields that differ per segment zeroed, and their sums: all
+    # segments but the last are `full` bytes long, which goes into the template too.
+    full = hl + gso_size
     pseudo = pseudo_sum(packet, TCP if tcp else UDP)
-    last = bytearray(packet[:hl])          # header template, per-segment fields zeroed
+    last = bytearray(packet[:hl])
     last[csum_at:csum_at + 2] = b"\0\0"
     if v4:
         ip_id = packet[4] << 8 | packet[5]
         last[2:6] = b"\0\0\0\0"             # total length, id
         last[10:12] = b"\0\0"                # header checksum
-        ip_sum = ones_sum(last[:ihl])
     if tcp:
         seq0 = _U32.unpack_from(packet, ihl + 4)[0]
         last[ihl + 4:ihl + 8] = b"\0\0\0\0"
-        middle = bytearray(last)
-        middle[ihl + 13] &= ~(FIN | PSH) & 0xFF   # FIN and PSH belong to the last segment only
-        l4_middle = ones_sum(middle[ihl:])
     else:
         last[ihl + 4:ihl + 6] = b"\0\0"      # UDP length
-        middle = last
-    l4_last = ones_sum(last[ihl:])
+    middle = bytearray(last)
+    if tcp:
+        middle[ihl + 13] &= ~(FIN | PSH) & 0xFF   # FIN and PSH belong to the last segment only
+    else:
+        _U16.pack_into(middle, ihl + 4, full - ihl)
+    if v4:
+        _U16.pack_into(middle, 2, full)
+        ip_sum = ones_sum(middle[:ihl])       # + id
+    else:
+        _U16.pack_into(middle, 4, full - 40)
+    l4_middle = ones_sum(middle[ihl:]) + pseudo + full - ihl   # + seq + payload
 
-    full = hl + gso_size
     at = 0
-    for i, start in enumerate(range(hl, n, gso_size)):
+    start = hl
+    for i in range(count - 1):
         stop = start + gso_size
-        if stop >= n:
-            stop = n
-            head, l4 = last, l4_last
-        else:
-            head, l4 = middle, l4_middle if tcp else l4_last
-        size = hl + stop - start
-        out[at:at + hl] = head
-        out[at + hl:at + size] = packet[start:stop]
+        payload = packet[start:stop]
+        out[at:at + hl] = middle
+        out[at + hl:at + full] = payload
+        total = ones_sum(payload) + l4_middle
         if v4:
             ident = (ip_id + i) & 0xFFFF
-            _U16U16.pack_into(out, at + 2, size, ident)
-            _U16.pack_into(out, at + 10, 0xFFFF - (ip_sum + size + ident) % 0xFFFF)
-        else:
-            _U16.pack_into(out, at + 4, size - 40)
-        l4_len = size - ihl
-        total = ones_sum(packet[start:stop]) + l4 + pseudo + l4_len
+            _U16.pack_into(out, at + 4, ident)
+            _U16.pack_into(out, at + 10, 0xFFFF - (ip_sum + ident) % 0xFFFF)
         if tcp:
             seq = (seq0 + start - hl) & 0xFFFFFFFF
             _U32.pack_into(out, at + ihl + 4, seq)
             total += (seq >> 16) + (seq & 0xFFFF)
-        else:
-            _U16.pack_into(out, at + ihl + 4, l4_len)
-            total += l4_len
         _U16.pack_into(out, at + csum_at, 0xFFFF - total % 0xFFFF)
-        at += size
+        at += full
+        start = stop
+
+    # the last one: its own length, and the flags of the super-packet
+    payload = packet[start:]
+    size = hl + n - start
+    l4_len = size - ihl
+    out[at:at + hl] = last
+    out[at + hl:at + size] = payload
+    if v4:
+        ident = (ip_id + count - 1) & 0xFFFF
+        _U16U16.pack_into(out, at + 2, size, ident)
+        _U16.pack_into(out, at + 10, 0xFFFF - (ones_sum(last[:ihl]) + size + ident) % 0xFFFF)
+    else:
+        _U16.pack_into(out, at + 4, size - 40)
+    total = ones_sum(payload) + ones_sum(last[ihl:]) + pseudo + l4_len
+    if tcp:
+        seq = (seq0 + start - hl) & 0xFFFFFFFF
+        _U32.pack_into(out, at + ihl + 4, seq)
+        total += (seq >> 16) + (seq & 0xFFFF)
+    else:
+        _U16.pack_into(out, at + ihl + 4, l4_len)
+        total += l4_len
+    _U16.pack_into(out, at + csum_at, 0xFFFF - total % 0xFFFF)
+    at += size
     return at, full
 
 
