@@ -3,8 +3,9 @@
 Each ready descriptor is drained until EAGAIN (or a budget, so one busy direction cannot starve
 the other: epoll is level-triggered and brings us straight back). After the first packet we ask
 poll() whether there is a second before reading again: a lone packet (a ping) is then forwarded
-without waiting for a read to fail with EAGAIN, which costs Python an exception. Packets are
-read into one preallocated buffer per direction and handed on as memoryview slices of it.
+without waiting for a read to fail with EAGAIN, which costs Python an exception, and, with
+offloads, without going through the batching. Packets are read into one preallocated buffer
+per direction and handed on as memoryview slices of it.
 
 With offloads (a TUN opened by tun.open_tun_offload) one TUN read may be a TCP super-packet: it
 is split into IP packets, each goes through core.outbound, and the datagrams leave in as few
@@ -196,10 +197,14 @@ class Forwarder:
         fd, bufs, buf, view = self.tun_fd, self._tun_bufs, self._tun_buf, self._tun_view
         outbound, counters = self.core.outbound, self.core.counters
         segments, add, header = self._segments, self._batch.add, VNET_HDR.unpack_from
-        more = self._tun_more
+        more, lone = self._tun_more, None
         for i in range(BUDGET):
-            if i == 1 and not more(0):
-                break
+            if i == 1:
+                if not more(0):
+                    break
+                if lone is not None:  # not alone after all; the next read reuses the buffer
+                    add(*lone)
+                    lone = None
             try:
                 n = os.readv(fd, bufs)
             except BlockingIOError:
@@ -212,7 +217,10 @@ class Forwarder:
                     continue
                 sealed = outbound(packet)
                 if sealed is not None:
-                    add(*sealed)
+                    if i:
+                        add(*sealed)
+                    else:
+                        lone = sealed
                 continue
             end, size = split(packet, gso_type, gso_size, csum_start, segments)
             if not end:
@@ -223,6 +231,8 @@ class Forwarder:
                 sealed = outbound(packets[at:at + size])
                 if sealed is not None:
                     add(*sealed)
+        if lone is not None:  # a lone packet (a ping) goes as it is, no batch
+            self._send_batch(lone[0], 0, 1, lone[1])
         self._batch.flush()
 
     def _send_batch(self, data: memoryview, size: int, count: int, endpoint: tuple | None) -> None:
@@ -264,10 +274,14 @@ class Forwarder:
         core = self.core
         inbound, counters, connected = core.inbound, core.counters, self.peer_endpoint
         add = self._coalescer.add
-        more = self._sock_more
+        more, lone = self._sock_more, None
         for i in range(BUDGET):
-            if i == 1 and not more(0):
-                break
+            if i == 1:
+                if not more(0):
+                    break
+                if lone is not None:  # not alone after all; the next read reuses the buffer
+                    add(lone)
+                    lone = None
             try:
                 n, control, _, source = receive(bufs, _GRO_SPACE)
             except BlockingIOError:
@@ -293,10 +307,18 @@ class Forwarder:
                 continue
             packet = inbound(view[:n], source)
             if packet is not None:
-                add(packet)
+                if i:
+                    add(packet)
+                else:
+                    lone = packet
             elif core.reply is not None:
                 self.send(*core.reply)
                 core.reply = None
+        if lone is not None:  # a lone packet (a ping) goes in as it is, no coalescing
+            try:
+                os.writev(self.tun_fd, [NO_VNET_HDR, lone])
+            except OSError:
+                counters.tun_failed += 1
         self._coalescer.flush()
 
     def _write_tun(self, data: memoryview, count: int) -> None:
