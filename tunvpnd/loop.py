@@ -237,14 +237,11 @@ class Forwarder:
 
     def _send_batch(self, data: memoryview, size: int, count: int, endpoint: tuple | None) -> None:
         """DatagramBatch's output: `count` datagrams of `size` bytes (the last maybe shorter)."""
+        if count == 1:
+            self.send(data, endpoint)
+            return
         sock, connected = self.sock, self.peer_endpoint
         try:
-            if count == 1:
-                if connected is not None:
-                    sock.send(data)
-                else:
-                    sock.sendto(data, endpoint)
-                return
             if self.gso:
                 control = [(transport.SOL_UDP, transport.UDP_SEGMENT, _SEGMENT_SIZE.pack(size))]
                 if connected is not None:
@@ -253,20 +250,14 @@ class Forwarder:
                     sock.sendmsg([data], control, 0, endpoint)
                 return
         except OSError as error:
-            if count == 1 or error.errno not in GSO_REFUSED:
+            if error.errno not in GSO_REFUSED:
                 self.core.counters.send_failed += count
                 return
             # e.g. a path MTU below the segment size: one datagram per sendmsg from now on
             log.warning("UDP GSO refused (%s): sending datagrams one by one", error.strerror)
             self.gso = False
         for at in range(0, len(data), size):
-            try:
-                if connected is not None:
-                    sock.send(data[at:at + size])
-                else:
-                    sock.sendto(data[at:at + size], endpoint)
-            except OSError:
-                self.core.counters.send_failed += 1
+            self.send(data[at:at + size], endpoint)
 
     def pump_socket_offload(self) -> None:
         """Datagrams (GRO batches of them) from peers, into the kernel as super-packets."""
@@ -348,8 +339,8 @@ class Forwarder:
             except OSError:
                 self.core.counters.tun_failed += 1
 
-    def send(self, payload: bytes, endpoint: tuple) -> None:
-        """One datagram outside the hot path (keepalives)."""
+    def send(self, payload: memoryview | bytes, endpoint: tuple | None) -> None:
+        """One datagram: keepalives, a lone packet, or a batch the kernel would not segment."""
         try:
             if self.peer_endpoint is not None:
                 self.sock.send(payload)
