@@ -258,9 +258,38 @@ class WireGuardGo(Tunnel):
             (self.SOCKET_DIR / f"{ifname}.sock").unlink(missing_ok=True)
 
 
+class PythonFloor(Tunnel):
+    """pyfloor.py at both ends: read, send, receive, write and nothing else. A reference for
+    what any CPython tunnel costs here, not a product."""
+
+    name = "python-floor"
+    PORT = "9091"
+    IFNAME = "tun0"
+
+    def start(self, lab: Lab, workdir: Path) -> None:
+        run_ok(lab, "server", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        script = str(Path(__file__).resolve().parent / "pyfloor.py")
+        self.spawn(lab, "server", [sys.executable, script, self.IFNAME, self.PORT],
+                   workdir / "pyfloor-server.log")
+        self.spawn(lab, "hostu", [sys.executable, script, self.IFNAME, "0",
+                                  lab.addresses["server"], self.PORT],
+                   workdir / "pyfloor-hostu.log")
+
+        def ready() -> bool:
+            self.check_alive()
+            return all("ready" in tail(log) for log in self.logs)
+
+        wait_until(ready, START_TIMEOUT, 0.05, "pyfloor.py to open its TUN")
+        for role, address in (("server", SERVER_TUN), ("hostu", CLIENT_TUN)):
+            run_ok(lab, role, ["ip", "link", "set", self.IFNAME, "mtu", MTU])
+            run_ok(lab, role, ["ip", "addr", "add", f"{address}/24", "dev", self.IFNAME])
+            run_ok(lab, role, ["ip", "link", "set", self.IFNAME, "up"])
+        run_ok(lab, "hostu", ["ip", "route", "add", LAN, "dev", self.IFNAME])
+
+
 def all_configs() -> list[Tunnel]:
     """A fresh instance of every configuration, in table order."""
-    return [Routing(), Tunvpnd(), OpenVPN(), OpenVPN(tuned=True), WireGuardGo()]
+    return [Routing(), Tunvpnd(), OpenVPN(), OpenVPN(tuned=True), WireGuardGo(), PythonFloor()]
 
 
 CONFIG_NAMES = [c.name for c in all_configs()]

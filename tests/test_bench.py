@@ -10,7 +10,7 @@ import sys
 
 from tests.conftest import REPO
 
-CONFIGS = ("routing", "tunvpnd", "openvpn-none", "openvpn-tuned", "wireguard-go")
+CONFIGS = ("routing", "tunvpnd", "openvpn-none", "openvpn-tuned", "wireguard-go", "python-floor")
 
 
 def test_quick_benchmark_measures_every_configuration(tmp_path):
@@ -28,6 +28,6 @@ def test_quick_benchmark_measures_every_configuration(tmp_path):
         for metric in ("tcp_mbps", "udp_kpps", "ping_median_ms"):
             assert data["summary"][config][metric]["median"] > 0, (config, metric)
     assert data["summary"]["tunvpnd"]["rss_mib"]["median"] > 0
-    assert set(data["ratios"]) >= {"openvpn-none", "openvpn-tuned", "wireguard-go"}
+    assert set(data["ratios"]) >= {"openvpn-none", "openvpn-tuned", "wireguard-go", "python-floor"}
     assert "tunvpnd / openvpn-tuned" in result.stdout
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
