@@ -13,7 +13,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from tunvpnd import lab as labmod
-from tunvpnd.lab import Lab, leftover_namespaces, wait_until
+from tunvpnd.lab import Lab, commands, leftover_namespaces, topology, wait_until
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not Path("/dev/net/tun").exists(),
@@ -72,7 +72,7 @@ def test_up_builds_every_host(lab: Lab) -> None:
         "hostv": {"192.168.60.5/24"},
     }
     for role, name in lab.hosts.items():
-        with labmod._netns_handle(name) as ipr:
+        with topology._netns_handle(name) as ipr:
             addrs = {f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
                      for a in ipr.get_addr(family=2)}
             assert addrs == expected[role] | {"127.0.0.1/8"}, role
@@ -86,7 +86,7 @@ def test_up_builds_every_host(lab: Lab) -> None:
                 assert gateways == {("192.168.53.0", 24, "192.168.60.11")}
             else:
                 assert gateways == set(), role
-    with labmod._netns_handle(lab.switch) as ipr:
+    with topology._netns_handle(lab.switch) as ipr:
         kinds = {}
         for link in ipr.get_links():
             info = link.get_attr("IFLA_LINKINFO")
@@ -110,7 +110,7 @@ def test_reachability_without_tunnel(lab: Lab) -> None:
 def test_echo_helpers_over_the_lab(lab: Lab) -> None:
     server = lab.spawn("hostv", [sys.executable, "-m", "tunvpnd.lab", "echo-server", "9000"],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert "listening" in labmod._read_line(server.stdout, 10)
+    assert "listening" in commands._read_line(server.stdout, 10)
     client = lab.run("server", [sys.executable, "-m", "tunvpnd.lab", "echo-client",
                                 "192.168.60.5", "9000", "100000"], timeout=20)
     assert client.returncode == 0, client.stdout + client.stderr

@@ -92,6 +92,7 @@ def test_deb_contents(deb):
     expected = [
         "/usr/bin/tunvpnd",
         "/usr/lib/python3/dist-packages/tunvpnd/cli.py",
+        "/usr/lib/python3/dist-packages/tunvpnd/lab/topology.py",
         "/usr/lib/python3/dist-packages/tunvpnd/examples/client.yaml",
         "/usr/share/man/man8/tunvpnd.8.gz",
         "/usr/share/man/man5/tunvpnd.yaml.5.gz",

@@ -1,4 +1,4 @@
-"""The SEED VPN lab topology in network namespaces, and the `tunvpnd lab up|demo|down` commands.
+"""The SEED VPN lab topology in network namespaces: build it, run processes in it, tear it down.
 
     HostU   10.9.0.5  ─┐                            ┌─ HostV 192.168.60.5
     HostU2  10.9.0.6  ─┼─ br-net ─ VPN server ─ br-lan ┘   (route 192.168.53.0/24 via .60.11)
@@ -17,19 +17,13 @@ namespace with `pyroute2.netns.setns` in the child before exec.
 from __future__ import annotations
 
 import contextlib
-import errno
-import importlib.resources
 import json
 import os
-import random
 import re
-import select
 import shutil
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -339,6 +333,10 @@ class Lab:
     def _recorded_processes(self) -> list[int]:
         return [e["pid"] for e in self._read_pids() if _entry_alive(e)]
 
+    def running_roles(self) -> set[str]:
+        """Roles with a recorded process still alive (also one started by an earlier `up`)."""
+        return {e.get("role") for e in self._read_pids() if _entry_alive(e)}
+
     def _processes_in_namespaces(self) -> list[int]:
         """PIDs living in this lab's namespaces (e.g. left over by a crashed run)."""
         inodes = {_ns_inode(NETNS_DIR / n) for n in leftover_namespaces(self.prefix)} - {None}
@@ -411,256 +409,3 @@ def tun_route_present(ns_name: str, network: str) -> bool:
         return False
     finally:
         ipr.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# `tunvpnd lab up|demo|down`.
-
-DAEMON_ARGV: list[str] = [sys.executable, "-m", "tunvpnd", "run"]
-# role -> (profile file in tunvpnd/examples, network routed through the TUN when ready)
-LAB_DAEMONS: dict[str, tuple[str, str]] = {
-    "server": ("server.yaml", "192.168.53.0/24"),
-    "hostu": ("client.yaml", "192.168.60.0/24"),
-}
-
-
-LOG_STATUS_RE = r"\bup:|stopped|status|ready|\brx \d"
-
-
-def _profile_path(filename: str, run_dir: Path) -> Path:
-    res = importlib.resources.files("tunvpnd") / "examples" / filename
-    if isinstance(res, Path):
-        return res
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / filename
-    out.write_bytes(res.read_bytes())
-    return out
-
-
-def _tail(path: Path, n: int = 5, pattern: str | None = None) -> list[str]:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return []
-    if pattern:
-        rx = re.compile(pattern, re.I)
-        hits = [line for line in lines if rx.search(line)]
-        if hits:
-            return hits[-n:]
-    return lines[-n:]
-
-
-def _say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def _lab_is_up(lab: Lab) -> bool:
-    namespaces = set(leftover_namespaces(lab.prefix))
-    if not set(lab.namespaces) <= namespaces:
-        return False
-    roles = {e.get("role") for e in lab._read_pids() if _entry_alive(e)}
-    return set(LAB_DAEMONS) <= roles
-
-
-def lab_up(prefix: str = DEFAULT_PREFIX, *, daemon_argv: Sequence[str] | None = None,
-           ready_timeout: float = 15.0) -> int:
-    """Build the lab and start the VPN server and the HostU client in it; 0 when both are up.
-
-    `daemon_argv` replaces `python -m tunvpnd run` (the profile path is appended), for tests.
-    """
-    rc = _up(prefix, daemon_argv, ready_timeout)
-    if rc == 0:
-        down = "tunvpnd lab down" + ("" if prefix == DEFAULT_PREFIX else f" --prefix {prefix}")
-        _say(f"lab {prefix}: stop it with: {down}")
-    return rc
-
-
-def _up(prefix: str, daemon_argv: Sequence[str] | None, ready_timeout: float) -> int:
-    lab = Lab(prefix)
-    argv0 = list(daemon_argv or DAEMON_ARGV)
-    try:
-        lab.up()
-        _say(f"lab {prefix}: namespaces " + ", ".join(lab.namespaces))
-        procs: dict[str, subprocess.Popen] = {}
-        for role, (filename, _) in LAB_DAEMONS.items():
-            state_dir = lab.run_dir / role
-            state_dir.mkdir(parents=True, exist_ok=True)
-            profile = _profile_path(filename, lab.run_dir)
-            log = lab.run_dir / f"{role}.log"
-            with open(log, "wb") as out:
-                procs[role] = lab.spawn(role, [*argv0, str(profile)],
-                                        env={"TUNVPN_RUN_DIR": str(state_dir),
-                                             "PYTHONUNBUFFERED": "1"},
-                                        stdin=subprocess.DEVNULL, stdout=out,
-                                        stderr=subprocess.STDOUT)
-            _say(f"lab {prefix}: started {role} (pid {procs[role].pid}) with {profile}, "
-                 f"log {log}")
-
-        def ready() -> bool:
-            for role, proc in procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{role} daemon exited with status {proc.returncode}")
-            return all(tun_route_present(lab.hosts[role], net)
-                       for role, (_, net) in LAB_DAEMONS.items())
-
-        wait_until(ready, ready_timeout, 0.1, "the TUN routes of the server and the client")
-    except (Exception, KeyboardInterrupt) as e:
-        _say(f"lab {prefix}: up FAILED: {e}")
-        for role in LAB_DAEMONS:
-            for line in _tail(lab.run_dir / f"{role}.log", 10):
-                _say(f"  {role}.log: {line}")
-        lab.down(keep_logs=True)
-        return 1
-    _say(f"lab {prefix}: up; server and client TUN routes present")
-    return 0
-
-
-def lab_down(prefix: str = DEFAULT_PREFIX) -> int:
-    """Stop the lab's processes and delete its namespaces; logs stay in the run directory."""
-    lab = Lab(prefix)
-    lab.down(keep_logs=True)
-    left = leftover_namespaces(prefix)
-    if left:
-        _say(f"lab {prefix}: could not remove namespaces: {', '.join(left)}")
-        return 1
-    _say(f"lab {prefix}: down")
-    return 0
-
-
-def _read_line(stream, timeout: float) -> str:
-    ready, _, _ = select.select([stream], [], [], timeout)
-    return stream.readline() if ready else ""
-
-
-def lab_demo(prefix: str = DEFAULT_PREFIX, *, daemon_argv: Sequence[str] | None = None) -> int:
-    """Ping and a 100 kB TCP echo from HostU to HostV through the tunnel, then tear down."""
-    lab = Lab(prefix)
-    failures: list[str] = []
-    if _lab_is_up(lab):
-        _say(f"lab {prefix}: already up, reusing it")
-    elif _up(prefix, daemon_argv, ready_timeout=15.0) != 0:
-        return 1
-    hostv = lab.addresses["hostv"]
-    echo = None
-    try:
-        _say(f"--- ping {hostv} from hostu ({lab.addresses['hostu']}) through the tunnel")
-        ping = lab.run("hostu", ["ping", "-c", "3", "-W", "2", hostv], timeout=20)
-        for line in (ping.stdout + ping.stderr).splitlines():
-            if "packets transmitted" in line or line.startswith(("rtt", "round-trip")) \
-                    or "nreachable" in line:
-                _say(f"    {line}")
-        if ping.returncode != 0:
-            failures.append(f"ping {hostv} exited with {ping.returncode}")
-
-        _say(f"--- TCP echo: {ECHO_BYTES} bytes from hostu to {hostv}:{ECHO_PORT} and back")
-        echo = lab.spawn("hostv", [sys.executable, "-m", "tunvpnd.lab", "echo-server",
-                                   str(ECHO_PORT)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        first = _read_line(echo.stdout, 10)
-        if "listening" not in first:
-            failures.append(f"echo server did not start: {first.strip() or 'no output'}")
-        else:
-            client = lab.run("hostu", [sys.executable, "-m", "tunvpnd.lab", "echo-client",
-                                       hostv, str(ECHO_PORT), str(ECHO_BYTES)], timeout=40)
-            for line in (client.stdout + client.stderr).splitlines():
-                _say(f"    {line}")
-            if client.returncode != 0:
-                failures.append(f"TCP echo failed (exit {client.returncode})")
-    except (Exception, KeyboardInterrupt) as e:
-        failures.append(f"{type(e).__name__}: {e}")
-    finally:
-        log_lines: list[str] = []
-        try:
-            if echo is not None and echo.poll() is None:
-                echo.terminate()
-            # Stop the daemons first: their last words are the counters ("stopped; rx ...").
-            lab.down(keep_logs=True)
-            for role in LAB_DAEMONS:
-                log_lines += [f"    {role}: {line}" for line in
-                              _tail(lab.run_dir / f"{role}.log", 3, LOG_STATUS_RE)]
-        finally:
-            lab.down()
-            if echo is not None and echo.stdout is not None:
-                echo.stdout.close()
-    _say("--- daemon logs (last status-like lines, after stopping them)")
-    for line in log_lines:
-        _say(line)
-    _say(f"lab {prefix}: torn down")
-    if failures:
-        _say("DEMO FAILED: " + "; ".join(failures))
-        return 1
-    _say("DEMO OK: ping and TCP echo through the tunnel work")
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Helper entry points run inside the namespaces: python -m tunvpnd.lab echo-server|echo-client
-
-
-def echo_server(port: int, once: bool = True, timeout: float = 60.0) -> int:
-    with socket.create_server(("0.0.0.0", port), reuse_port=False) as srv:
-        srv.settimeout(timeout)
-        print(f"listening on 0.0.0.0:{port}", flush=True)
-        while True:
-            conn, peer = srv.accept()
-            total = 0
-            with conn:
-                conn.settimeout(timeout)
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-                    total += len(data)
-            print(f"echoed {total} bytes to {peer[0]}:{peer[1]}", flush=True)
-            if once:
-                return 0
-
-
-def echo_client(host: str, port: int, nbytes: int, timeout: float = 30.0) -> int:
-    payload = random.randbytes(nbytes)
-    received = bytearray()
-    t0 = time.monotonic()
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sender_error: list[BaseException] = []
-
-        def send() -> None:
-            try:
-                sock.sendall(payload)
-                sock.shutdown(socket.SHUT_WR)
-            except OSError as e:
-                sender_error.append(e)
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        while data := sock.recv(65536):
-            received += data
-        sender.join(timeout)
-    elapsed = time.monotonic() - t0
-    if sender_error:
-        print(f"send failed: {sender_error[0]}", flush=True)
-        return 1
-    if bytes(received) != payload:
-        print(f"MISMATCH: sent {nbytes} bytes, got back {len(received)} bytes"
-              f"{' (same length, different content)' if len(received) == nbytes else ''}",
-              flush=True)
-        return 1
-    print(f"sent {nbytes} bytes to {host}:{port}, {len(received)} bytes echoed back "
-          f"identical in {elapsed:.2f}s", flush=True)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if len(args) == 2 and args[0] == "echo-server":
-            return echo_server(int(args[1]))
-        if len(args) == 4 and args[0] == "echo-client":
-            return echo_client(args[1], int(args[2]), int(args[3]))
-    except OSError as e:
-        print(f"{args[0]}: {e}", file=sys.stderr, flush=True)
-        return 1 if e.errno != errno.ECONNREFUSED else 2
-    print("usage: python -m tunvpnd.lab echo-server PORT | echo-client HOST PORT NBYTES",
-          file=sys.stderr)
-    return 64
-
-
-if __name__ == "__main__":
-    sys.exit(main())
