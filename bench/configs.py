@@ -35,6 +35,17 @@ def run_ok(lab: Lab, role: str, argv: list[str], timeout: float = 10) -> str:
     return result.stdout
 
 
+def configure_tun(lab: Lab, ifnames: dict[str, str]) -> None:
+    """What tunvpnd does for itself, done with `ip` for a tunnel that leaves it to the harness:
+    MTU, address and link up on the server's and HostU's interface; HostU's route to the LAN."""
+    addresses = {"server": SERVER_TUN, "hostu": CLIENT_TUN}
+    for role, ifname in ifnames.items():
+        run_ok(lab, role, ["ip", "link", "set", ifname, "mtu", MTU])
+        run_ok(lab, role, ["ip", "addr", "add", f"{addresses[role]}/24", "dev", ifname])
+        run_ok(lab, role, ["ip", "link", "set", ifname, "up"])
+    run_ok(lab, "hostu", ["ip", "route", "add", LAN, "dev", ifnames["hostu"]])
+
+
 def tail(path: Path, n: int = 5) -> str:
     with contextlib.suppress(OSError):
         return " | ".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -246,11 +257,7 @@ class WireGuardGo(Tunnel):
         run_ok(lab, "hostu", ["wg", "set", c, "private-key", str(workdir / "wg-hostu.key"),
                               "peer", pub["server"], "allowed-ips", f"192.168.53.0/24,{LAN}",
                               "endpoint", f"{lab.addresses['server']}:{self.PORT}"])
-        for role, ifname, address in (("server", s, SERVER_TUN), ("hostu", c, CLIENT_TUN)):
-            run_ok(lab, role, ["ip", "link", "set", ifname, "mtu", MTU])
-            run_ok(lab, role, ["ip", "addr", "add", f"{address}/24", "dev", ifname])
-            run_ok(lab, role, ["ip", "link", "set", ifname, "up"])
-        run_ok(lab, "hostu", ["ip", "route", "add", LAN, "dev", c])
+        configure_tun(lab, self.ifnames)
 
     def stop(self) -> None:
         super().stop()
@@ -280,11 +287,7 @@ class PythonFloor(Tunnel):
             return all("ready" in tail(log) for log in self.logs)
 
         wait_until(ready, START_TIMEOUT, 0.05, "pyfloor.py to open its TUN")
-        for role, address in (("server", SERVER_TUN), ("hostu", CLIENT_TUN)):
-            run_ok(lab, role, ["ip", "link", "set", self.IFNAME, "mtu", MTU])
-            run_ok(lab, role, ["ip", "addr", "add", f"{address}/24", "dev", self.IFNAME])
-            run_ok(lab, role, ["ip", "link", "set", self.IFNAME, "up"])
-        run_ok(lab, "hostu", ["ip", "route", "add", LAN, "dev", self.IFNAME])
+        configure_tun(lab, {"server": self.IFNAME, "hostu": self.IFNAME})
 
 
 def all_configs() -> list[Tunnel]:
