@@ -12,8 +12,6 @@ from pathlib import Path
 
 from .topology import (
     DEFAULT_PREFIX,
-    ECHO_BYTES,
-    ECHO_PORT,
     Lab,
     leftover_namespaces,
     tun_route_present,
@@ -21,6 +19,8 @@ from .topology import (
 )
 
 DAEMON_ARGV: list[str] = [sys.executable, "-m", "tunvpnd", "run"]
+ECHO_PORT = 9000           # the demo's TCP echo through the tunnel
+ECHO_BYTES = 100 * 1024
 # role -> (profile file in tunvpnd/examples, network routed through the TUN when ready)
 LAB_DAEMONS: dict[str, tuple[str, str]] = {
     "server": ("server.yaml", "192.168.53.0/24"),

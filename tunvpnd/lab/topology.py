@@ -37,8 +37,6 @@ DEFAULT_PREFIX = "tvlab"
 LAB_RUN_ROOT = Path("/run/tunvpnd-lab")
 NETNS_DIR = Path(getattr(netns, "NETNS_RUN_DIR", "/var/run/netns"))
 SWITCH = "sw"                   # role-like suffix of the switch namespace holding the bridges
-ECHO_PORT = 9000
-ECHO_BYTES = 100 * 1024
 
 # ---------------------------------------------------------------------------------------------
 # The topology, as data.
