@@ -232,7 +232,7 @@ class Forwarder:
                 if sealed is not None:
                     add(*sealed)
         if lone is not None:  # a lone packet (a ping) goes as it is, no batch
-            self._send_batch(lone[0], 0, 1, lone[1])
+            self.send(*lone)
         self._batch.flush()
 
     def _send_batch(self, data: memoryview, size: int, count: int, endpoint: tuple | None) -> None:
