@@ -25,6 +25,10 @@ from tunvpnd.lab import Lab, leftover_namespaces, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "etc" / "tunvpn"
+# Daemons and helpers run as `python -m tunvpnd` from cwd "/": make them import this checkout,
+# not the copy pip installed into the venv (which lags behind until the next install).
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO),
+                                                          os.environ.get("PYTHONPATH"))))
 
 
 def unique(prefix: str) -> str:
