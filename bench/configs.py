@@ -154,8 +154,10 @@ class Tunvpnd(Tunnel):
         for role, profile in self.profiles.items():
             sock = workdir / f"{role}.notify"
             self.notify[role] = TunvpndDaemon(sock)
+            # PYTHONPATH: measure this checkout (the commit the results record), not whatever
+            # copy pip last installed into the venv
             env = {"TUNVPN_RUN_DIR": str(workdir / f"run-{role}"), "NOTIFY_SOCKET": str(sock),
-                   "PYTHONUNBUFFERED": "1"}
+                   "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
             self.spawn(lab, role, [sys.executable, "-m", "tunvpnd", "run", str(profile)],
                        workdir / f"tunvpnd-{role}.log", env)
 
