@@ -145,8 +145,12 @@ class Tunvpnd(Tunnel):
     name = "tunvpnd"
 
     def __init__(self, server_profile: Path = EXAMPLES / "server.yaml",
-                 client_profile: Path = EXAMPLES / "client.yaml") -> None:
+                 client_profile: Path = EXAMPLES / "client.yaml", source: Path = REPO,
+                 name: str = "tunvpnd") -> None:
+        """`source`: the checkout whose tunvpnd runs (another one for a before/after column)."""
         super().__init__()
+        self.name = name
+        self.source = source
         self.profiles = {"server": server_profile, "hostu": client_profile}
         self.notify: dict[str, TunvpndDaemon] = {}
 
@@ -157,7 +161,7 @@ class Tunvpnd(Tunnel):
             # PYTHONPATH: measure this checkout (the commit the results record), not whatever
             # copy pip last installed into the venv
             env = {"TUNVPN_RUN_DIR": str(workdir / f"run-{role}"), "NOTIFY_SOCKET": str(sock),
-                   "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+                   "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(self.source)}
             self.spawn(lab, role, [sys.executable, "-m", "tunvpnd", "run", str(profile)],
                        workdir / f"tunvpnd-{role}.log", env)
 
@@ -292,9 +296,21 @@ class PythonFloor(Tunnel):
         configure_tun(lab, {"server": self.IFNAME, "hostu": self.IFNAME})
 
 
-def all_configs() -> list[Tunnel]:
+BASELINE = "tunvpnd-baseline"
+
+
+def baseline(checkout: Path) -> Tunvpnd:
+    """tunvpnd as another checkout has it (e.g. `git worktree add /tmp/base REV`), with that
+    checkout's example profiles: the before column of a before/after comparison."""
+    examples = checkout / "etc" / "tunvpn"
+    return Tunvpnd(examples / "server.yaml", examples / "client.yaml", checkout, BASELINE)
+
+
+def all_configs(baseline_checkout: Path | None = None) -> list[Tunnel]:
     """A fresh instance of every configuration, in table order."""
-    return [Routing(), Tunvpnd(), OpenVPN(), OpenVPN(tuned=True), WireGuardGo(), PythonFloor()]
+    before = [baseline(baseline_checkout)] if baseline_checkout else []
+    return [Routing(), Tunvpnd(), *before, OpenVPN(), OpenVPN(tuned=True), WireGuardGo(),
+            PythonFloor()]
 
 
 CONFIG_NAMES = [c.name for c in all_configs()]

@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 import report
-from configs import CONFIG_NAMES, Tunnel, all_configs
+from configs import BASELINE, CONFIG_NAMES, Tunnel, all_configs
 from measure import Options, measure, wait_reachable
 from scale import measure_scale
 
@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="peers in the scale measurement (default 1000, --quick 100; 0 = skip)")
     p.add_argument("--seconds", type=int, default=None, help="iperf3 -t (default 10, quick 2)")
     p.add_argument("--pings", type=int, default=None, help="pings (default 200, quick 50)")
+    p.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                   help="also measure the tunvpnd of another checkout (e.g. `git worktree add "
+                   "/tmp/base REV`) as tunvpnd-baseline, and print tunvpnd / tunvpnd-baseline")
     p.add_argument("--json", type=Path, default=BENCH / "results" / "latest.json")
     p.add_argument("--png", type=Path, default=BENCH / "results" / "latest.png")
     args = p.parse_args(argv)
@@ -50,7 +53,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.pings = args.pings or (50 if args.quick else 200)
     args.peers = (100 if args.quick else 1000) if args.peers is None else args.peers
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = set(args.only) - {*CONFIG_NAMES, SCALE}
+    if args.baseline is not None:
+        if not (args.baseline / "tunvpnd" / "__init__.py").is_file():
+            p.error(f"--baseline {args.baseline}: not a tunvpnd checkout")
+        args.baseline = args.baseline.resolve()
+        if "tunvpnd" in args.only and BASELINE not in args.only:
+            args.only.append(BASELINE)
+    unknown = set(args.only) - {*CONFIG_NAMES, SCALE, BASELINE}
     if unknown:
         p.error(f"unknown config(s) {', '.join(sorted(unknown))}")
     if args.peers == 0 and SCALE in args.only:
@@ -64,7 +73,8 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run_one(name: str, prefix: str, opts: Options, peers: int) -> dict:
+def run_one(name: str, prefix: str, opts: Options, peers: int,
+            baseline: Path | None = None) -> dict:
     """One measurement of one config (or the scale test) in a fresh lab, always torn down."""
     lab = Lab(prefix, extra_clients=1 if name == SCALE else 0)
     workdir = Path(tempfile.mkdtemp(prefix="tvb"))      # short: AF_UNIX paths are limited
@@ -73,7 +83,7 @@ def run_one(name: str, prefix: str, opts: Options, peers: int) -> dict:
         lab.up()
         if name == SCALE:
             return measure_scale(lab, workdir, peers, opts)
-        tunnel = next(c for c in all_configs() if c.name == name)
+        tunnel = next(c for c in all_configs(baseline) if c.name == name)
         tunnel.start(lab, workdir)
         wait_reachable(lab)
         result = measure(lab, tunnel.pids(), opts)
@@ -91,14 +101,20 @@ def run_one(name: str, prefix: str, opts: Options, peers: int) -> dict:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version(), "kernel": platform.release()}
-    git = ["git", "-C", str(BENCH.parent)]
+def commit_of(checkout: Path) -> str:
+    git = ["git", "-C", str(checkout)]
     head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, timeout=10).stdout.strip()
     dirty = subprocess.run([*git, "status", "--porcelain", "--", "tunvpnd"],
                            capture_output=True, text=True, timeout=10).stdout.strip()
-    found["tunvpnd"] = f"{head}{' + uncommitted changes in tunvpnd/' if dirty else ''}"
+    return f"{head}{' + uncommitted changes in tunvpnd/' if dirty else ''}"
+
+
+def versions(baseline: Path | None) -> dict[str, str]:
+    found = {"python": platform.python_version(), "kernel": platform.release(),
+             "tunvpnd": commit_of(BENCH.parent)}
+    if baseline is not None:
+        found[BASELINE] = commit_of(baseline)
     for tool, flag in (("openvpn", "--version"), ("wireguard-go", "--version"),
                        ("iperf3", "--version")):
         if shutil.which(tool):
@@ -130,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     skipped: dict[str, str] = {}
     order: list[str] = []
-    for tunnel in all_configs():
+    for tunnel in all_configs(args.baseline):
         if tunnel.name in args.only:
             reason = tunnel.missing()
             if reason:
@@ -150,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.monotonic()
                 say(f"round {r + 1}/{args.rounds}: {name} ...")
                 try:
-                    result = run_one(name, prefix, opts, args.peers)
+                    result = run_one(name, prefix, opts, args.peers, args.baseline)
                 except Exception as e:
                     errors.append(f"round {r + 1} {name}: {e}")
                     say(f"  FAILED: {e}")
@@ -175,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                  "cpus": os.cpu_count(), "rounds": args.rounds, "seconds": args.seconds,
                  "pings": args.pings, "peers": args.peers, "quick": args.quick,
                  "order_round_1": order, "elapsed_s": round(time.monotonic() - started, 1),
-                 "versions": versions()},
+                 "versions": versions(args.baseline)},
         "skipped": skipped,
         "errors": errors,
         "rounds": {n: rounds[n] for n in configs},
