@@ -246,7 +246,7 @@ def test_control_packets_are_valid_bare_headers():
     ipv4("192.168.53.99", "192.168.60.5", proto=253),  # both addresses set
     ipv4("0.0.0.0", "0.0.0.0", proto=253),             # neither
     ipv6("fd53::99", "::", next_header=17),
-])
+], ids=["udp", "both-addresses", "no-address", "ipv6-udp"])
 def test_other_bare_headers_are_ordinary_packets(data):
     core = server(learn=("192.168.53.0/24", "fd53::/64"))
     assert ip.control(mv(data), ip.valid(mv(data))) == 0

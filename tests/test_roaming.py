@@ -60,24 +60,32 @@ def test_a_spoofed_datagram_takes_no_address_from_idle_or_active_clients(lab, da
     daemons(lab, "hostu", client_profile(keepalive=25))  # a tunvpnd client, idle
     ping(lab, "hostu", HOSTV, count=1)  # learned from real traffic, then quiet
     active = LabClient(lab, "hostu2", "192.168.53.98", "--every", "0.2")  # the lab's style, busy
-    attacker = None
+    attacker, pingers = None, []
     try:
         ping(lab, "hostv", "192.168.53.98", count=1)
-        # One datagram each, from another host, with the victims' inner sources.
+        # HostV pings both victims for 5 s, longer than a claim takes to be settled...
+        pingers = [lab.spawn("hostv", ["ping", "-4", "-c", "25", "-i", "0.2", "-W", "1", victim],
+                             stdout=subprocess.PIPE, text=True)
+                   for victim in ("192.168.53.99", "192.168.53.98")]
+        # ...while another host sends one datagram with each victim's inner source
         attacker = LabClient(lab, "hostv", "192.168.53.99", "192.168.53.98", "--send", "1",
                              "--mute", "--server", "192.168.60.11")
+        for pinger in pingers:
+            out, _ = pinger.communicate(timeout=30)
+            assert " 25 received" in out, out  # not one ping went astray
         wait_until(lambda: len(re.findall(r"stays at 10\.9\.0\.[56]:\d+: refused "
                                           r"192\.168\.60\.5:", server.log())) == 2,
-                   CHALLENGE_WAIT + 3 * TICK, what="both claims refused")
-        assert "address_held 2" in server.wait_status(lambda s: "address_held" in s)
-        # HostV's pings reach both victims, none reaches the attacker
-        ping(lab, "hostv", "192.168.53.99")
-        ping(lab, "hostv", "192.168.53.98")
+                   2 * TICK, what="both claims refused")
+        assert active.finish()["answered"] >= 25
         stolen = attacker.finish()
         assert stolen["echo_requests"] == 0, stolen
-        assert active.finish()["answered"] >= 4
+        assert "address_held 2" in server.wait_status(lambda s: "address_held" in s)
         assert "moved to" not in server.log()
     finally:
+        for pinger in pingers:
+            if pinger.poll() is None:
+                pinger.kill()
+                pinger.communicate()
         for client in (active, attacker):
             if client is not None and client.proc.poll() is None:
                 client.finish()
