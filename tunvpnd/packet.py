@@ -12,7 +12,8 @@ HEADER_ONLY = (0, 0, 0, 0, IPV4_HEADER, 0, IPV6_HEADER)  # by version: a packet 
 
 # Plain-wire control packets: a bare IP header, never legitimate traffic. The lab's
 # tunclient.py/tunserver.py write them into their TUN like any packet, and the kernel drops them
-# there as martians (an unspecified source or destination address): harmless to them.
+# there: for IPv4 as martians (source or destination 0.0.0.0), for IPv6 as unroutable (:: is no
+# destination, nor a source it forwards). Harmless to them; tunvpnd never writes them to a TUN.
 ANNOUNCE = 1   # source A, destination unspecified: "A is here, at the endpoint this came from"
 CHALLENGE = 2  # source unspecified, destination A: "are you still A?"
 EXPERIMENTAL = 253  # IPv4 protocol (RFC 3692) of a control packet
