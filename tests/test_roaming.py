@@ -120,7 +120,8 @@ def test_a_restarted_server_relearns_an_idle_client_from_its_keepalive(lab, daem
     server = daemons(lab, "server", server_profile())
     client = daemons(lab, "hostu", client_profile(keepalive=keepalive))
     # never any traffic of its own: the server learns it from the ANNOUNCE in its keepalive
-    server.wait_status(lambda s: s.startswith("1 peers"), 3 * keepalive + 5)
+    status = server.wait_status(lambda s: s.startswith("1 peers"), 3 * keepalive + 5)
+    assert "rx 0 pkts" in status and "keepalives" in status  # consumed, not written to the TUN
     assert server.stop() == 0
     server.restart()  # it knows no peers now
     assert "tx 0 pkts" in client.status()  # the client sent nothing through the tunnel
