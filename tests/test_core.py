@@ -1,17 +1,20 @@
 """The packet core on crafted bytes: no sockets, no TUN, no root."""
 
-from ipaddress import ip_network
+from ipaddress import ip_interface, ip_network
 
 import pytest
 
-from tests.ipcraft import icmp_echo, ipv4, ipv6
+from tests.ipcraft import announce, challenge, checksum, icmp_echo, ipv4, ipv6
 from tunvpnd import packet as ip
-from tunvpnd.core import Core
+from tunvpnd.core import CHALLENGE_WAIT, Core
 from tunvpnd.peers import Peer, PeerTable
 from tunvpnd.wire import PlainWire
 
 HOSTU = ("10.9.0.5", 40000)
 HOSTU2 = ("10.9.0.6", 40001)
+A99 = 0xC0A83563  # 192.168.53.99
+ANNOUNCE_99 = announce("192.168.53.99")
+CHALLENGE_99 = challenge("192.168.53.99")
 
 
 def server(*peers: Peer, learn=("192.168.53.0/24",)) -> Core:
@@ -100,11 +103,14 @@ def test_no_learning_without_networks_drops_unknown_source():
     assert core.counters.unknown_source == 1
 
 
-def test_nat_rebinding_is_followed():
+def test_nat_rebinding_is_followed_once_the_old_endpoint_is_silent():
     core = server()
     core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), HOSTU)
     moved = ("10.9.0.5", 50123)
-    core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), moved)
+    assert core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), moved) is None
+    assert core.reply == (CHALLENGE_99, HOSTU)  # "are you still 192.168.53.99?"
+    core.now += CHALLENGE_WAIT
+    assert core.resolve_claims() == [(core.peers.lookup(4, A99), moved, True)]
     assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.99")))[1] == moved
     assert core.peers.by_endpoint.get(moved) is not None and HOSTU not in core.peers.by_endpoint
 
@@ -156,14 +162,13 @@ def test_spoofed_inner_source_is_dropped():
     assert core.counters.unknown_source == 1
 
 
-def test_pinned_endpoint_rejects_other_addresses_any_port_accepted():
+@pytest.mark.parametrize("endpoint", [("10.9.0.5", 1),
+                                      ("::ffff:10.9.0.5", 2, 0, 0)])  # dual-stack spelling
+def test_pinned_endpoint_rejects_other_addresses_any_port_accepted(endpoint):
     core = configured()
     assert core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), HOSTU2) is None
     assert core.counters.bad_endpoint == 1
-    assert core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), ("10.9.0.5", 1)) \
-        is not None
-    assert core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")),
-                        ("::ffff:10.9.0.5", 2, 0, 0)) is not None  # dual-stack socket spelling
+    assert core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), endpoint) is not None
 
 
 def test_pinned_port():
@@ -221,3 +226,142 @@ def test_client_sends_everything_to_the_server():
     table.move(srv, ("10.9.0.11", 9090))
     assert core.outbound(mv(icmp_echo("192.168.53.99", "8.8.8.8")))[1] == ("10.9.0.11", 9090)
     assert core.outbound(mv(ipv6("fd00::2", "2001:db8::1")))[1] == ("10.9.0.11", 9090)
+
+
+# -- plain-wire control packets: ANNOUNCE / CHALLENGE -----------------------------------------
+
+def test_control_packets_are_valid_bare_headers():
+    for data in (announce("192.168.53.99"), challenge("192.168.53.99")):
+        assert len(data) == 20 and ip.valid(mv(data)) == 4 and checksum(data) == 0
+    for data in (announce("fd53::99"), challenge("fd53::99")):
+        assert len(data) == 40 and ip.valid(mv(data)) == 6
+    assert ip.control(mv(announce("192.168.53.99")), 4) == ip.ANNOUNCE
+    assert ip.control(mv(challenge("fd53::99")), 6) == ip.CHALLENGE
+    assert ip.announce(4, A99) == ANNOUNCE_99 and ip.challenge(4, A99) == CHALLENGE_99
+    assert ip.announce(6, 0xFD53 << 112 | 0x99) == announce("fd53::99")
+
+
+@pytest.mark.parametrize("data", [
+    ipv4("192.168.53.99", "0.0.0.0", proto=17),       # another protocol
+    ipv4("192.168.53.99", "192.168.60.5", proto=253),  # both addresses set
+    ipv4("0.0.0.0", "0.0.0.0", proto=253),             # neither
+    ipv6("fd53::99", "::", next_header=17),
+], ids=["udp", "both-addresses", "no-address", "ipv6-udp"])
+def test_other_bare_headers_are_ordinary_packets(data):
+    core = server(learn=("192.168.53.0/24", "fd53::/64"))
+    assert ip.control(mv(data), ip.valid(mv(data))) == 0
+    if ip.source(mv(data), ip.valid(mv(data))):
+        assert bytes(core.inbound(mv(data), HOSTU)) == data
+
+
+def test_announce_makes_a_fresh_server_learn_an_idle_client():
+    core = server()  # e.g. just restarted: knows nobody
+    assert core.inbound(mv(ANNOUNCE_99), HOSTU) is None  # consumed, never written to the TUN
+    assert core.reply == (b"", HOSTU)  # echoed like a keepalive
+    assert core.counters.keepalives == 1 and core.counters.rx_packets == 0
+    assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.99")))[1] == HOSTU
+    assert core.inbound(mv(announce("fd53::99")), HOSTU) is None  # outside the tunnel networks
+    assert core.counters.unknown_source == 1
+
+
+def learned_99() -> tuple[Core, Peer]:
+    core = server()
+    core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), HOSTU)
+    return core, core.peers.lookup(4, A99)
+
+
+def test_a_spoofed_datagram_does_not_take_an_address_whose_holder_answers():
+    core, victim = learned_99()
+    core.now = 110.0
+    spoof = icmp_echo("192.168.53.99", "192.168.60.5")
+    assert core.inbound(mv(spoof), HOSTU2) is None
+    assert core.counters.address_held == 1 and core.reply == (CHALLENGE_99, HOSTU)
+    core.reply = None
+    core.now = 110.5
+    assert core.inbound(mv(ANNOUNCE_99), HOSTU) is None  # the tunvpnd client answers
+    assert core.reply == (b"", HOSTU)
+    core.now = 111.9
+    assert core.resolve_claims() == []  # not settled before CHALLENGE_WAIT
+    core.now = 112.0
+    assert core.resolve_claims() == [(victim, HOSTU2, False)]
+    assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.99")))[1] == HOSTU
+    core.now = 120.0
+    assert core.resolve_claims() == []  # the claim is gone
+
+
+def test_an_active_holder_keeps_its_address_without_answering():
+    core, victim = learned_99()  # e.g. the lab's tunclient.py: cannot answer, but it talks
+    core.now = 110.0
+    for _ in range(50):  # a flood from the attacker: one challenge, every datagram counted
+        assert core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), HOSTU2) is None
+    assert core.counters.address_held == 50 and core.counters.challenges == 1
+    core.now = 111.0
+    assert core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), HOSTU) is not None
+    core.now = 112.5
+    assert core.resolve_claims() == [(victim, HOSTU2, False)]
+    assert victim.endpoint == HOSTU
+
+
+def test_a_silent_holder_loses_its_address_to_the_latest_claimant():
+    core, victim = learned_99()
+    core.now = 110.0
+    core.inbound(mv(ANNOUNCE_99), HOSTU2)
+    third = ("10.9.0.7", 40002)
+    core.now = 111.0
+    core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), third)
+    assert core.counters.challenges == 1 and core.counters.address_held == 2
+    core.now = 112.0
+    assert core.resolve_claims() == [(victim, third, True)]  # without `third` sending again
+    assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.99")))[1] == third
+    assert core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), third) is not None
+
+
+def test_a_claim_on_a_peer_that_expired_meanwhile_is_dropped():
+    core, victim = learned_99()
+    core.now = 110.0
+    core.inbound(mv(ANNOUNCE_99), HOSTU2)
+    core.peers.expire(older_than=105.0)
+    core.now = 112.0
+    assert core.resolve_claims() == []
+    assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.99"))) is None
+
+
+def test_a_server_ignores_challenges():
+    core, victim = learned_99()
+    assert core.inbound(mv(CHALLENGE_99), HOSTU) is None
+    assert core.reply is None and core.counters.malformed == 1
+
+
+def client_core(*addresses: str) -> Core:
+    table = PeerTable()
+    srv = Peer("server", [ip_network("0.0.0.0/0"), ip_network("::/0")])
+    table.add(srv)
+    table.move(srv, ("10.9.0.11", 9090))
+    core = Core(table, PlainWire())
+    core.set_addresses(ip_interface(a) for a in addresses)
+    return core
+
+
+def test_client_keepalive_announces_each_tunnel_address():
+    core = client_core("192.168.53.99/24", "fd53::99/64")
+    core.now = 30.0
+    assert core.keepalives_due(25) == [(ANNOUNCE_99, ("10.9.0.11", 9090)),
+                                       (announce("fd53::99"), ("10.9.0.11", 9090))]
+    core.now = 40.0
+    assert core.keepalives_due(25) == []
+
+
+def test_client_answers_a_challenge_for_its_address_only():
+    core = client_core("192.168.53.99/24", "fd53::99/64")
+    srv = ("10.9.0.11", 9090)
+    core.now = 5.0
+    assert core.inbound(mv(challenge("fd53::99")), srv) is None  # not written to the TUN
+    assert core.reply == (announce("fd53::99"), srv)
+    assert core.counters.challenges == 1 and core.peers.by_endpoint[srv].last_rx == 5.0
+    core.reply = None
+    assert core.inbound(mv(challenge("192.168.53.98")), srv) is None
+    assert core.reply is None and core.counters.malformed == 1
+    assert core.inbound(mv(b""), srv) is None  # the server's keepalive echo: no ping-pong
+    assert core.reply is None
+    assert core.inbound(mv(announce("192.168.53.1")), srv) is None  # harmless from a server
+    assert core.counters.rx_packets == 0

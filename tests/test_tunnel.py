@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,8 +24,10 @@ from tests.conftest import (
     server_profile,
     tun_links,
 )
+from tunvpnd.core import CHALLENGE_WAIT
 from tunvpnd.lab import wait_until
 from tunvpnd.netconf import RTPROT_TUNVPND
+from tunvpnd.service import TICK
 
 HOSTV = "192.168.60.5"
 
@@ -183,13 +186,18 @@ def test_hostile_datagrams_are_dropped_and_counted(lab, daemons):
 
 
 def test_client_restart_on_a_new_port_is_followed(lab, daemons):
-    """NAT rebinding, for real: a new client socket means a new source port."""
+    """NAT rebinding, for real: a new client socket means a new source port. The server first
+    challenges the old endpoint (it is gone), then follows the client: within a few seconds."""
     server, client = tunnel(lab, daemons)
     ping(lab, "hostu", HOSTV)
     assert client.stop() == 0
     client.restart()
+    start = time.monotonic()
+    in_ns(lab, "hostu", ["ping", "-4", "-c", "1", "-i", "0.2", "-w", "8", HOSTV])  # till answered
+    assert time.monotonic() - start < CHALLENGE_WAIT + 2 * TICK + 1
     ping(lab, "hostu", HOSTV)
-    server.wait_status(lambda s: s.startswith("1 peers") and "rx 6 pkts" in s)
+    server.wait_status(lambda s: s.startswith("1 peers") and "address_held" in s)
+    assert "moved to 10.9.0.5:" in server.log()
 
 
 @pytest.mark.parametrize("lab", [1], indirect=True)

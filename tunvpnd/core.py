@@ -8,15 +8,24 @@ is counted by reason. The loop does the system calls; this module is unit-tested
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from ipaddress import IPv4Interface, IPv6Interface
 
 from . import packet as ip
+from .packet import HEADER_ONLY
 from .peers import IPNetwork, Peer, PeerTable, host_network
 from .wire import Wire
 
+# A datagram claiming an address that another endpoint holds is dropped, and that endpoint is
+# CHALLENGEd: if it stays silent this long, the address moves to the claimant (NAT rebinding).
+CHALLENGE_WAIT = 2.0
+CLAIMS_PER_TICK = 1000  # claims settled per resolve_claims() call: bounded work per wake-up
+
 DROP_REASONS = (
-    "malformed",       # from outside: not exactly one IPv4/IPv6 packet
+    "malformed",       # from outside: not exactly one IPv4/IPv6 packet, or a control packet
+                       # that is not for us (a CHALLENGE for an address we do not have)
     "unknown_source",  # inner source belongs to no peer (and may not be learned)
     "bad_endpoint",    # a peer's datagram from an address other than its pinned endpoint
+    "address_held",    # inner source held by another endpoint: dropped, the holder challenged
     "no_peer",         # from the TUN: no peer's allowed IPs hold the destination
     "no_endpoint",     # the peer is known but has not told us where it is yet
     "send_failed",     # socket buffer full or the network said no
@@ -25,7 +34,8 @@ DROP_REASONS = (
 
 
 class Counters:
-    __slots__ = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "keepalives", *DROP_REASONS)
+    __slots__ = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "keepalives", "challenges",
+                 *DROP_REASONS)
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -60,8 +70,17 @@ class Core:
         self.echo_keepalives = echo_keepalives
         self.log_packet = log_packet
         self.now = 0.0  # set by the loop once per wake-up, not per packet
-        self.reply: tuple[bytes, tuple] | None = None  # a keepalive to answer, for the loop
+        self.reply: tuple[bytes, tuple] | None = None  # a datagram to send now, for the loop
+        # pending claims, oldest first: peer -> [claimant endpoint, version, address, asked at]
+        self._claims: dict[Peer, list] = {}
+        self._announcements: dict[tuple[int, int], bytes] = {}
         self.set_learning(learn_within)
+
+    def set_addresses(self, addresses: Iterable[IPv4Interface | IPv6Interface]) -> None:
+        """Our own tunnel addresses (a plain-wire client): each keepalive is one ANNOUNCE per
+        address, and a CHALLENGE for one of them is answered with its ANNOUNCE."""
+        self._announcements = {
+            (a.version, int(a.ip)): ip.announce(a.version, int(a.ip)) for a in addresses}
 
     def set_learning(self, networks: Iterable[IPNetwork]) -> None:
         """Learn peers from datagrams whose inner source lies in `networks` (empty: never)."""
@@ -109,6 +128,9 @@ class Core:
         if not version:
             counters.malformed += 1
             return None
+        # One length comparison on ordinary packets: only a bare header can be a control packet.
+        if len(packet) == HEADER_ONLY[version] and self._control(peer, version, packet, source):
+            return None
         if peer is None:
             peer = self._sender(version, ip.source(packet, version), source)
             if peer is None:
@@ -137,8 +159,76 @@ class Core:
             if not peer.accepts_endpoint(source):
                 self.counters.bad_endpoint += 1
                 return None
-            self.peers.move(peer, source)  # first contact, or the client's NAT rebound it
+            if peer.endpoint is not None:  # held by another endpoint: ask it before moving
+                self._claim(peer, version, address, source)
+                return None
+            self.peers.move(peer, source)  # first contact
         return peer
+
+    def _claim(self, peer: Peer, version: int, address: int, source: tuple) -> None:
+        """`source` says it is `address`, which `peer` holds at another endpoint: drop the
+        datagram, challenge the holder (once per claim), remember the latest claimant."""
+        self.counters.address_held += 1
+        claim = self._claims.get(peer)
+        if claim is not None:
+            claim[0] = source
+            return
+        self._claims[peer] = [source, version, address, self.now]
+        self.counters.challenges += 1
+        self.reply = (self.wire.seal(memoryview(ip.challenge(version, address)), peer),
+                      peer.endpoint)
+
+    def resolve_claims(self) -> list[tuple[Peer, tuple, bool]]:
+        """Settle the claims whose holder had CHALLENGE_WAIT to answer; call it from a timer.
+
+        Returns (peer, claimant, moved) for each: moved when the holder stayed silent and the
+        address now belongs to the claimant (with no need for it to send again), else the
+        holder was heard and keeps it.
+        """
+        claims = self._claims
+        settled: list[tuple[Peer, tuple, bool]] = []
+        asked_by = self.now - CHALLENGE_WAIT
+        while claims and len(settled) < CLAIMS_PER_TICK:
+            peer = next(iter(claims))
+            claimant, version, address, asked = claims[peer]
+            if asked > asked_by:
+                break  # oldest first: the rest are younger
+            del claims[peer]
+            if self.peers.lookup(version, address) is not peer:
+                continue  # expired or replaced by a reload meanwhile
+            moved = peer.last_rx <= asked  # not heard since the challenge went out
+            if moved:
+                self.peers.move(peer, claimant)
+                peer.last_rx = self.now
+            settled.append((peer, claimant, moved))
+        return settled
+
+    def _control(self, peer: Peer | None, version: int, packet: memoryview,
+                 source: tuple) -> bool:
+        """Consume an ANNOUNCE or CHALLENGE (never written to the TUN); False for a bare header
+        that is neither (ordinary traffic)."""
+        kind = ip.control(packet, version)
+        if kind == ip.ANNOUNCE:
+            if peer is None:
+                peer = self._sender(version, ip.source(packet, version), source)
+                if peer is None:
+                    return True  # counted by _sender
+            self.counters.keepalives += 1
+            peer.last_rx = self.now
+            if self.echo_keepalives:
+                self.reply = (self.wire.keepalive(peer), source)
+            return True
+        if kind == ip.CHALLENGE:
+            announcement = self._announcements.get((version, ip.destination(packet, version)))
+            peer = peer or self.peers.by_endpoint.get(source)
+            if announcement is None or peer is None:
+                self.counters.malformed += 1
+                return True
+            self.counters.challenges += 1
+            peer.last_rx = self.now
+            self.reply = (self.wire.seal(memoryview(announcement), peer), source)
+            return True
+        return False
 
     def _keepalive(self, peer: Peer | None, source: tuple) -> None:
         peer = peer or self.peers.by_endpoint.get(source)
@@ -151,10 +241,16 @@ class Core:
             self.reply = (self.wire.keepalive(peer), source)
 
     def keepalives_due(self, interval: float) -> list[tuple[bytes, tuple]]:
-        """Keepalives for peers we have sent nothing to for `interval` seconds."""
+        """Keepalives for peers we have sent nothing to for `interval` seconds: one ANNOUNCE
+        per address of ours if we have them (so a restarted server relearns us), else empty."""
         due = []
+        announcements = self._announcements.values()
         for peer in self.peers.peers:
             if peer.endpoint is not None and self.now - peer.last_tx >= interval:
                 peer.last_tx = self.now
-                due.append((self.wire.keepalive(peer), peer.endpoint))
+                if announcements:
+                    due.extend((self.wire.seal(memoryview(a), peer), peer.endpoint)
+                               for a in announcements)
+                else:
+                    due.append((self.wire.keepalive(peer), peer.endpoint))
         return due

@@ -113,6 +113,7 @@ class Daemon:
         self.forwarder = Forwarder(self.tun_fd, self.sock, self.core, offloads)
         self._apply_logging(p)
         self._apply_learning(p)
+        self._apply_addresses(p)
         if p.mode == "client":
             self._start_resolving(time.monotonic())
 
@@ -193,6 +194,7 @@ class Daemon:
         self.profile = new
         self._apply_logging(new)
         self._apply_learning(new)
+        self._apply_addresses(new)
         if new.mode == "client" and new.server != old.server:
             self._start_resolving(time.monotonic())
         log.info("reloaded %s", new.path)
@@ -239,6 +241,10 @@ class Daemon:
         self.core.set_learning(learnable if profile.mode == "server" and not profile.peers
                                else ())
 
+    def _apply_addresses(self, profile: Profile) -> None:
+        # A client's keepalives announce its tunnel addresses, and it answers challenges for them
+        self.core.set_addresses(profile.addresses if profile.mode == "client" else ())
+
     # -- timers -----------------------------------------------------------------------------
 
     def _on_tick(self, now: float) -> float:
@@ -253,6 +259,7 @@ class Daemon:
             for peer in self.core.peers.expire(now - p.peer_timeout):
                 log.info("peer %s at %s expired after %d s of silence", peer.name,
                          transport.format_endpoint(peer.endpoint), p.peer_timeout)
+            self._settle_claims()
         if p.keepalive:
             for payload, endpoint in self.core.keepalives_due(p.keepalive):
                 self.forwarder.send(payload, endpoint)
@@ -260,6 +267,21 @@ class Daemon:
             self.notify(f"STATUS={self.status()}")
             self._next_status = now + STATUS_INTERVAL
         return min(TICK, self._watchdog or TICK)
+
+    def _settle_claims(self, most: int = 5) -> None:
+        """Claims on held addresses whose challenge wait is over; a few lines a tick at most."""
+        settled = self.core.resolve_claims()
+        for peer, claimant, moved in settled[:most]:
+            if moved:
+                log.info("peer %s moved to %s: its old endpoint did not answer the challenge",
+                         peer.name, transport.format_endpoint(claimant))
+            else:
+                log.info("peer %s stays at %s: refused %s, which claimed its address",
+                         peer.name, transport.format_endpoint(peer.endpoint),
+                         transport.format_endpoint(claimant))
+        if len(settled) > most:
+            log.info("and %d more claims settled (%d moved)", len(settled) - most,
+                     sum(moved for _, _, moved in settled[most:]))
 
     def _client_tick(self, now: float) -> None:
         if self._resolving is not None and not self._resolving.is_alive():
@@ -333,7 +355,8 @@ class Daemon:
         drops = ", ".join(f"{k} {v}" for k, v in c.drops().items())
         text = (f"{who}; rx {c.rx_packets} pkts {c.rx_bytes} B, tx {c.tx_packets} pkts "
                 f"{c.tx_bytes} B, dropped {c.dropped}" + (f" ({drops})" if drops else "")
-                + (f", keepalives {c.keepalives}" if c.keepalives else ""))
+                + (f", keepalives {c.keepalives}" if c.keepalives else "")
+                + (f", challenges {c.challenges}" if c.challenges else ""))
         return text.encode("ascii", "replace").decode()
 
     def notify(self, *fields: str) -> None:

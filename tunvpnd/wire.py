@@ -21,7 +21,7 @@ class Wire(Protocol):
     def open(self, datagram: memoryview, source: tuple) -> tuple[Peer | None, memoryview] | None:
         """(the peer the datagram proves it is from, or None to look it up by inner source;
         the inner packet) or None when the datagram is not ours. A zero-length inner packet is a
-        keepalive."""
+        keepalive; a header-only ANNOUNCE or CHALLENGE inside is consumed by the core too."""
         ...
 
     def keepalive(self, peer: Peer) -> bytes:
@@ -34,6 +34,13 @@ class PlainWire:
 
     Nothing is authenticated: the sender is whoever the inner source address says it is. That is
     what lets the lab's own tunclient.py/tunserver.py talk to tunvpnd in both directions.
+
+    So that one spoofed datagram cannot take an address over, the core adds two bare-header IP
+    packets on this wire (packet.ANNOUNCE, packet.CHALLENGE; see core.Core._claim): a client's
+    keepalive announces its tunnel addresses, and the server challenges an address's current
+    endpoint before moving the address to a new one. The lab's scripts write them into their
+    TUN, where the kernel drops them as martians. A wire whose open() proves the peer needs
+    neither.
     """
 
     name = "plain"
