@@ -61,6 +61,11 @@ class Core:
         self.log_packet = log_packet
         self.now = 0.0  # set by the loop once per wake-up, not per packet
         self.reply: tuple[bytes, tuple] | None = None  # a keepalive to answer, for the loop
+        # A wildcard-bound server's own address, as a sendmsg() control list: the one the
+        # datagram being handled arrived at (set by the loop, kept as Peer.local), and the one
+        # the packet outbound() just handled must leave from (read by the loop). Else None.
+        self.received_at: list | None = None
+        self.send_from: list | None = None
         self.set_learning(learn_within)
 
     def set_learning(self, networks: Iterable[IPNetwork]) -> None:
@@ -87,6 +92,7 @@ class Core:
         peer.tx_packets += 1
         peer.tx_bytes += n
         peer.last_tx = self.now
+        self.send_from = peer.local
         if self.log_packet is not None:
             self.log_packet("From tun ==>", packet)
         return self.wire.seal(packet, peer), peer.endpoint
@@ -119,6 +125,7 @@ class Core:
         peer.rx_packets += 1
         peer.rx_bytes += n
         peer.last_rx = self.now
+        peer.local = self.received_at
         if self.log_packet is not None:
             self.log_packet("From socket <==", packet)
         return packet
@@ -147,6 +154,7 @@ class Core:
             return
         self.counters.keepalives += 1
         peer.last_rx = self.now
+        peer.local = self.received_at
         if self.echo_keepalives:
             self.reply = (self.wire.keepalive(peer), source)
 
