@@ -278,7 +278,7 @@ class Daemon:
         elif self._resolving is None:
             changed = self._addresses is not None and self._addresses.changed()
             if self._retry:
-                if changed:  # an address came or went: the server may be reachable now
+                if changed:  # an address or a route changed: the server may be reachable
                     self._next_resolve = now
                 if now >= self._next_resolve:
                     self._start_resolving(now)
@@ -338,7 +338,7 @@ class Daemon:
         """Talk to the server at `endpoint`: connect the socket, or reconnect it when the
         kernel would now send from another source address (ours changed or went away), or do
         nothing if all is as it was. Without a route: stay as we are, retry with back-off."""
-        forwarder = self.forwarder
+        forwarder, retrying = self.forwarder, self._retry
         before = self.sock.getsockname()[0] if forwarder.peer_endpoint is not None else None
         try:
             source = transport.source_for(self.sock.family, endpoint)
@@ -364,6 +364,8 @@ class Daemon:
                      self._server_text(), transport.format_host(source),
                      transport.format_host(before) if before else "none")
             self.server_peer.last_tx = float("-inf")  # tell the server at once where we are
+        elif retrying:
+            log.info("server %s is reachable again", self._server_text())
 
     def _retry_later(self, now: float, why: str) -> None:
         log.warning("%s; retrying in %d s", why, self._resolve_delay)

@@ -10,7 +10,12 @@ import socket
 from ipaddress import IPv4Address, ip_address
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR
+from pyroute2.netlink.rtnl import (
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_IPV6_ROUTE,
+)
 
 # Large buffers absorb bursts instead of dropping them: with the kernel default (~200 kB) a fast
 # TCP flow through the tunnel loses packets at the socket and retransmits.
@@ -166,15 +171,17 @@ def disconnect(sock: socket.socket) -> None:
 
 
 class AddressWatch:
-    """Tells whether an address was added or removed on any interface since the last look: a
-    pyroute2 IPRoute bound to the address multicast groups, read without blocking."""
+    """Tells whether an address or a route was added or removed since the last look (either
+    can change the source address the kernel picks for the server): a pyroute2 IPRoute bound
+    to those multicast groups, read without blocking, a bounded number of messages a look."""
 
     READS = 32  # netlink messages read per look at most; the rest wait for the next one
 
     def __init__(self) -> None:
         self._ipr = IPRoute()
         try:
-            self._ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
+            self._ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+                           | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
             # our own handle on the socket, read with MSG_DONTWAIT whatever mode pyroute2
             # (0.7 threads, 0.9 asyncio) left it in; we only need to know something came
             self._sock = socket.socket(fileno=os.dup(self._ipr.fileno()))
