@@ -12,14 +12,16 @@ import signal
 import socket
 import subprocess
 import sys
+from ipaddress import ip_network
 
 import pytest
 
 from tests.conftest import client_profile, in_ns, ping, server_profile
+from tests.ipcraft import icmp_echo
 from tunvpnd import loop, transport
 from tunvpnd.core import Core
 from tunvpnd.lab import wait_until
-from tunvpnd.peers import PeerTable
+from tunvpnd.peers import Peer, PeerTable
 from tunvpnd.tun import TUN_F_CSUM, TUN_F_TSO4
 from tunvpnd.wire import PlainWire
 
@@ -315,3 +317,23 @@ def test_open_udp_names_the_address_it_cannot_bind():
             transport.open_udp("127.0.0.1", port)
     assert str(raised.value) == f"cannot listen on 127.0.0.1:{port}: Address already in use"
     assert raised.value.errno == errno.EADDRINUSE
+
+
+def test_core_keeps_the_address_a_peer_talks_to():
+    """A datagram's arrival address (core.received_at) becomes the peer's Peer.local, from data
+    and keepalives alike, and outbound() hands it back (core.send_from) for the reply."""
+    table = PeerTable()
+    peer = Peer("hostu", [ip_network("192.168.53.99/32")])
+    table.add(peer)
+    core = Core(table, PlainWire(), echo_keepalives=True)
+    first, second = [("first",)], [("second",)]
+    core.received_at = first
+    packet = icmp_echo("192.168.53.99", "192.168.60.5")
+    assert core.inbound(memoryview(packet), ("10.9.0.5", 4000)) is not None
+    assert peer.local is first
+    core.received_at = second
+    assert core.inbound(memoryview(b""), ("10.9.0.5", 4000)) is None  # a keepalive
+    assert peer.local is second and core.reply == (b"", ("10.9.0.5", 4000))
+    sealed = core.outbound(memoryview(icmp_echo("192.168.60.5", "192.168.53.99")))
+    assert sealed is not None and sealed[1] == ("10.9.0.5", 4000)
+    assert core.send_from is second
