@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 from tests.conftest import client_profile, ping, server_profile
 from tunvpnd.lab import wait_until
@@ -37,6 +38,19 @@ def test_silent_server_is_reported_and_its_return_noticed(lab, daemons):
     ping(lab, "hostu", HOSTV)
     wait_until(lambda: "server 10.9.0.11:9090 is answering again" in client.log(), 15,
                what="the all-clear")
+
+
+def test_silence_warning_counts_from_the_connect_not_from_boot(lab, daemons):
+    """No warning before the server has been silent for 3 keepalive intervals, and the
+    number of seconds in it is no more than the client has been running."""
+    started = time.monotonic()
+    client = daemons(lab, "hostu", client_profile(keepalive=1))
+    warning = re.compile(r"no reply from server 10\.9\.0\.11:9090 for (\d+) s")
+    wait_until(lambda: warning.search(client.log()), 15, what="the silence warning")
+    seen = time.monotonic() - started
+    silent = int(warning.search(client.log()).group(1))
+    assert 3 <= silent <= seen, (silent, seen)
+    assert seen >= 3
 
 
 def test_keepalives_are_answered_by_the_server(lab, daemons):

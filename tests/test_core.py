@@ -108,11 +108,27 @@ def test_nat_rebinding_is_followed_once_the_old_endpoint_is_silent():
     core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), HOSTU)
     moved = ("10.9.0.5", 50123)
     assert core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), moved) is None
-    assert core.reply == (CHALLENGE_99, HOSTU)  # "are you still 192.168.53.99?"
+    assert core.reply == (CHALLENGE_99, HOSTU, None)  # "are you still 192.168.53.99?"
     core.now += CHALLENGE_WAIT
     assert core.resolve_claims() == [(core.peers.lookup(4, A99), moved, True)]
     assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.99")))[1] == moved
     assert core.peers.by_endpoint.get(moved) is not None and HOSTU not in core.peers.by_endpoint
+
+
+def test_challenge_and_move_use_the_server_address_each_endpoint_talks_to():
+    """A wildcard-bound server (IP_PKTINFO): the challenge leaves from the address the holder
+    talks to, and a moved peer is answered from the address its claim arrived at."""
+    core = server()
+    holder_side, claimant_side = [("10.9.0.11",)], [("10.99.0.11",)]
+    core.received_at = holder_side
+    core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), HOSTU)
+    core.received_at = claimant_side
+    assert core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), HOSTU2) is None
+    assert core.reply == (CHALLENGE_99, HOSTU, holder_side)
+    core.now += CHALLENGE_WAIT
+    assert core.resolve_claims() == [(core.peers.lookup(4, A99), HOSTU2, True)]
+    assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.99")))[1] == HOSTU2
+    assert core.send_from is claimant_side
 
 
 def test_learned_peers_expire():
@@ -190,7 +206,7 @@ def test_keepalive_from_known_peer_is_answered():
     core.inbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")), HOSTU)
     core.now = 130.0
     assert core.inbound(mv(b""), HOSTU) is None
-    assert core.reply == (b"", HOSTU)
+    assert core.reply == (b"", HOSTU, None)
     assert core.counters.keepalives == 1
     assert core.peers.lookup(4, 0xC0A83563).last_rx == 130.0
 
@@ -210,7 +226,7 @@ def test_client_keepalives_only_when_idle():
     core.now = 10.0
     assert core.keepalives_due(25) == []  # 10 s since start: not idle long enough
     core.now = 30.0
-    assert core.keepalives_due(25) == [(b"", ("10.9.0.11", 9090))]
+    assert core.keepalives_due(25) == [(b"", ("10.9.0.11", 9090), None)]
     core.now = 40.0
     core.outbound(mv(icmp_echo("192.168.53.99", "192.168.60.5")))
     core.now = 60.0
@@ -257,7 +273,7 @@ def test_other_bare_headers_are_ordinary_packets(data):
 def test_announce_makes_a_fresh_server_learn_an_idle_client():
     core = server()  # e.g. just restarted: knows nobody
     assert core.inbound(mv(ANNOUNCE_99), HOSTU) is None  # consumed, never written to the TUN
-    assert core.reply == (b"", HOSTU)  # echoed like a keepalive
+    assert core.reply == (b"", HOSTU, None)  # echoed like a keepalive
     assert core.counters.keepalives == 1 and core.counters.rx_packets == 0
     assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.99")))[1] == HOSTU
     assert core.inbound(mv(announce("fd53::99")), HOSTU) is None  # outside the tunnel networks
@@ -275,11 +291,11 @@ def test_a_spoofed_datagram_does_not_take_an_address_whose_holder_answers():
     core.now = 110.0
     spoof = icmp_echo("192.168.53.99", "192.168.60.5")
     assert core.inbound(mv(spoof), HOSTU2) is None
-    assert core.counters.address_held == 1 and core.reply == (CHALLENGE_99, HOSTU)
+    assert core.counters.address_held == 1 and core.reply == (CHALLENGE_99, HOSTU, None)
     core.reply = None
     core.now = 110.5
     assert core.inbound(mv(ANNOUNCE_99), HOSTU) is None  # the tunvpnd client answers
-    assert core.reply == (b"", HOSTU)
+    assert core.reply == (b"", HOSTU, None)
     core.now = 111.9
     assert core.resolve_claims() == []  # not settled before CHALLENGE_WAIT
     core.now = 112.0
@@ -345,8 +361,8 @@ def client_core(*addresses: str) -> Core:
 def test_client_keepalive_announces_each_tunnel_address():
     core = client_core("192.168.53.99/24", "fd53::99/64")
     core.now = 30.0
-    assert core.keepalives_due(25) == [(ANNOUNCE_99, ("10.9.0.11", 9090)),
-                                       (announce("fd53::99"), ("10.9.0.11", 9090))]
+    assert core.keepalives_due(25) == [(ANNOUNCE_99, ("10.9.0.11", 9090), None),
+                                       (announce("fd53::99"), ("10.9.0.11", 9090), None)]
     core.now = 40.0
     assert core.keepalives_due(25) == []
 
@@ -356,7 +372,7 @@ def test_client_answers_a_challenge_for_its_address_only():
     srv = ("10.9.0.11", 9090)
     core.now = 5.0
     assert core.inbound(mv(challenge("fd53::99")), srv) is None  # not written to the TUN
-    assert core.reply == (announce("fd53::99"), srv)
+    assert core.reply == (announce("fd53::99"), srv, None)
     assert core.counters.challenges == 1 and core.peers.by_endpoint[srv].last_rx == 5.0
     core.reply = None
     assert core.inbound(mv(challenge("192.168.53.98")), srv) is None

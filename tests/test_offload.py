@@ -15,7 +15,7 @@ import socket
 import struct
 import subprocess
 import sys
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 
 import pytest
 from pyroute2 import IPRoute, netns
@@ -39,8 +39,8 @@ from tunvpnd.offload import (
     ones_sum,
     split,
 )
-from tunvpnd.peers import PeerTable
-from tunvpnd.transport import SOL_UDP, UDP_SEGMENT
+from tunvpnd.peers import Peer, PeerTable
+from tunvpnd.transport import IP_PKTINFO, SOL_UDP, UDP_SEGMENT
 from tunvpnd.tun import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, open_tun_offload
 from tunvpnd.wire import PlainWire
 
@@ -593,6 +593,74 @@ def test_refused_gso_sends_one_by_one(caplog):
         assert sock.sent == packets and not forwarder.gso
         assert core.counters.send_failed == 0
     assert "UDP GSO refused (Invalid argument)" in caplog.text
+
+
+class RecordingSocket:
+    """An unconnected server socket with pktinfo on: records what each send carried."""
+
+    family = socket.AF_INET
+
+    def __init__(self, devnull) -> None:
+        self.devnull = devnull
+        self.sent: list[tuple[bytes, list, tuple]] = []  # (data, control, address)
+
+    def fileno(self) -> int:
+        return self.devnull.fileno()
+
+    def getsockopt(self, *args) -> int:
+        return 0
+
+    def setsockopt(self, *args) -> None:
+        pass
+
+    def sendmsg(self, buffers, control, flags, address) -> int:
+        self.sent.append((b"".join(bytes(b) for b in buffers), list(control), address))
+        return 0
+
+    def sendto(self, data, address) -> int:
+        self.sent.append((bytes(data), [], address))
+        return len(data)
+
+
+def test_pktinfo_batches_leave_from_each_peers_address(monkeypatch):
+    """Packets for two peers whose datagrams arrived at two different server addresses, read
+    from the TUN in one wake-up: every sendmsg (lone, batch of one, GSO batch) carries the
+    IP_PKTINFO of its peer, and a batch never mixes two."""
+    here = {name: [(socket.IPPROTO_IP, IP_PKTINFO, bytes(4) + socket.inet_aton(a) + bytes(4))]
+            for name, a in (("a", "10.9.0.11"), ("b", "10.99.0.11"))}
+    table = PeerTable()
+    for name, inner, endpoint in (("a", "192.168.53.99", ("10.9.0.5", 4000)),
+                                  ("b", "192.168.53.98", ("10.9.0.6", 4000))):
+        peer = Peer(name, [ip_network(f"{inner}/32")], endpoint=endpoint)
+        peer.local = here[name]
+        table.add(peer)
+    order = "aabbbab"
+    reads = [bytes(VNET_HDR_LEN) + icmp_echo("192.168.60.5", "192.168.53.99" if c == "a"
+                                             else "192.168.53.98", seq=i)
+             for i, c in enumerate(order)]
+
+    def readv(fd, buffers):
+        if not reads:
+            raise BlockingIOError
+        data = reads.pop(0)
+        buffers[0][:len(data)] = data
+        return len(data)
+
+    monkeypatch.setattr(loop.os, "readv", readv)
+    with open(os.devnull) as devnull:
+        sock = RecordingSocket(devnull)
+        core = Core(table, PlainWire())
+        forwarder = loop.Forwarder(devnull.fileno(), sock, core, TUN_F_CSUM | TUN_F_TSO4,
+                                   pktinfo=True)
+        forwarder.gso = True
+        forwarder.pump_tun_offload()
+    endpoints = {("10.9.0.5", 4000): "a", ("10.9.0.6", 4000): "b"}
+    sent = 0
+    for data, control, address in sock.sent:
+        name = endpoints[address]
+        assert here[name][0] in control, (name, control)
+        sent += len(data) // len(icmp_echo("192.168.60.5", "192.168.53.99"))
+    assert sent == len(order) and core.counters.send_failed == 0
 
 
 # -- end to end: offload and plain daemons in the lab -----------------------------------------

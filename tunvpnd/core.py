@@ -70,10 +70,17 @@ class Core:
         self.echo_keepalives = echo_keepalives
         self.log_packet = log_packet
         self.now = 0.0  # set by the loop once per wake-up, not per packet
-        self.reply: tuple[bytes, tuple] | None = None  # a datagram to send now, for the loop
-        # pending claims, oldest first: peer -> [claimant endpoint, version, address, asked at]
+        # a datagram to send now, for the loop: (payload, endpoint, local address or None)
+        self.reply: tuple[bytes, tuple, list | None] | None = None
+        # pending claims, oldest first:
+        # peer -> [claimant endpoint, version, address, asked at, address the claim came to]
         self._claims: dict[Peer, list] = {}
         self._announcements: dict[tuple[int, int], bytes] = {}
+        # A wildcard-bound server's own address, as a sendmsg() control list: the one the
+        # datagram being handled arrived at (set by the loop, kept as Peer.local), and the one
+        # the packet outbound() just handled must leave from (read by the loop). Else None.
+        self.received_at: list | None = None
+        self.send_from: list | None = None
         self.set_learning(learn_within)
 
     def set_addresses(self, addresses: Iterable[IPv4Interface | IPv6Interface]) -> None:
@@ -106,6 +113,7 @@ class Core:
         peer.tx_packets += 1
         peer.tx_bytes += n
         peer.last_tx = self.now
+        self.send_from = peer.local
         if self.log_packet is not None:
             self.log_packet("From tun ==>", packet)
         return self.wire.seal(packet, peer), peer.endpoint
@@ -141,6 +149,7 @@ class Core:
         peer.rx_packets += 1
         peer.rx_bytes += n
         peer.last_rx = self.now
+        peer.local = self.received_at
         if self.log_packet is not None:
             self.log_packet("From socket <==", packet)
         return packet
@@ -173,10 +182,10 @@ class Core:
         if claim is not None:
             claim[0] = source
             return
-        self._claims[peer] = [source, version, address, self.now]
+        self._claims[peer] = [source, version, address, self.now, self.received_at]
         self.counters.challenges += 1
         self.reply = (self.wire.seal(memoryview(ip.challenge(version, address)), peer),
-                      peer.endpoint)
+                      peer.endpoint, peer.local)
 
     def resolve_claims(self) -> list[tuple[Peer, tuple, bool]]:
         """Settle the claims whose holder had CHALLENGE_WAIT to answer; call it from a timer.
@@ -190,7 +199,7 @@ class Core:
         asked_by = self.now - CHALLENGE_WAIT
         while claims and len(settled) < CLAIMS_PER_TICK:
             peer = next(iter(claims))
-            claimant, version, address, asked = claims[peer]
+            claimant, version, address, asked, local = claims[peer]
             if asked > asked_by:
                 break  # oldest first: the rest are younger
             del claims[peer]
@@ -200,6 +209,7 @@ class Core:
             if moved:
                 self.peers.move(peer, claimant)
                 peer.last_rx = self.now
+                peer.local = local
             settled.append((peer, claimant, moved))
         return settled
 
@@ -215,8 +225,9 @@ class Core:
                     return True  # counted by _sender
             self.counters.keepalives += 1
             peer.last_rx = self.now
+            peer.local = self.received_at
             if self.echo_keepalives:
-                self.reply = (self.wire.keepalive(peer), source)
+                self.reply = (self.wire.keepalive(peer), source, self.received_at)
             return True
         if kind == ip.CHALLENGE:
             announcement = self._announcements.get((version, ip.destination(packet, version)))
@@ -226,7 +237,7 @@ class Core:
                 return True
             self.counters.challenges += 1
             peer.last_rx = self.now
-            self.reply = (self.wire.seal(memoryview(announcement), peer), source)
+            self.reply = (self.wire.seal(memoryview(announcement), peer), source, None)
             return True
         return False
 
@@ -237,20 +248,22 @@ class Core:
             return
         self.counters.keepalives += 1
         peer.last_rx = self.now
+        peer.local = self.received_at
         if self.echo_keepalives:
-            self.reply = (self.wire.keepalive(peer), source)
+            self.reply = (self.wire.keepalive(peer), source, self.received_at)
 
-    def keepalives_due(self, interval: float) -> list[tuple[bytes, tuple]]:
-        """Keepalives for peers we have sent nothing to for `interval` seconds: one ANNOUNCE
-        per address of ours if we have them (so a restarted server relearns us), else empty."""
+    def keepalives_due(self, interval: float) -> list[tuple[bytes, tuple, list | None]]:
+        """Keepalives (payload, endpoint, local) for peers we have sent nothing to for
+        `interval` seconds: one ANNOUNCE per address of ours if we have them (so a restarted
+        server relearns us), else an empty datagram."""
         due = []
         announcements = self._announcements.values()
         for peer in self.peers.peers:
             if peer.endpoint is not None and self.now - peer.last_tx >= interval:
                 peer.last_tx = self.now
                 if announcements:
-                    due.extend((self.wire.seal(memoryview(a), peer), peer.endpoint)
+                    due.extend((self.wire.seal(memoryview(a), peer), peer.endpoint, peer.local)
                                for a in announcements)
                 else:
-                    due.append((self.wire.keepalive(peer), peer.endpoint))
+                    due.append((self.wire.keepalive(peer), peer.endpoint, peer.local))
         return due

@@ -12,6 +12,14 @@ is split into IP packets, each goes through core.outbound, and the datagrams lea
 sendmsg() calls as UDP GSO allows. One recvmsg() with UDP GRO may hold many datagrams: each goes
 through core.inbound, and consecutive segments of a flow are written to the TUN as one
 super-packet. The packet work is in offload.py; here are only the system calls.
+
+A server socket bound to a wildcard address (`pktinfo`) reads each datagram with the local
+address it arrived at (core.received_at, kept with the peer by core.inbound) and sends each
+datagram to a peer from that address (core.send_from, set by core.outbound), so a client that
+talks to the server's second address gets its replies from there. Other sockets never pay for it.
+
+A failed send is counted, never fatal. On the client, errors that mean the source address may be
+gone set `rebind_wanted`; the service reconnects between wake-ups.
 """
 
 from __future__ import annotations
@@ -61,8 +69,9 @@ def _readable(fd: int) -> Callable[[float], list]:
 
 class Forwarder:
     def __init__(self, tun_fd: int, sock: socket.socket, core: Core,
-                 tun_offloads: int = 0) -> None:
-        """`tun_offloads`: the TUN_F_* flags open_tun_offload gave (0: a plain TUN)."""
+                 tun_offloads: int = 0, pktinfo: bool = False) -> None:
+        """`tun_offloads`: the TUN_F_* flags open_tun_offload gave (0: a plain TUN).
+        `pktinfo`: transport.enable_pktinfo said yes on `sock` (answer from the arrival address)."""
         self.tun_fd = tun_fd
         self.sock = sock
         self.core = core
@@ -73,7 +82,14 @@ class Forwarder:
         self._tun_bufs = [self._tun_buf]
         self._tun_view = memoryview(self._tun_buf)
         self._net_buf = bytearray(BUFFER)
+        self._net_bufs = [self._net_buf]
         self._net_view = memoryview(self._net_buf)
+        self._one: list = [b""]  # sendmsg()'s buffer list, reused: no list per datagram
+        self.pktinfo = pktinfo
+        self._locals = transport.LocalAddresses(*transport.pktinfo_kind(sock) if pktinfo
+                                                else (-1, -1))  # matches no control message
+        self._batch_from: list | None = None  # the local address of the batch being built
+        self.rebind_wanted = False
         self._tun_more = _readable(tun_fd)
         self._sock_more = _readable(sock.fileno())
         self.running = False
@@ -101,10 +117,24 @@ class Forwarder:
                 f"GSO {'on' if self.gso else 'off'}, GRO {'on' if self.gro else 'off'}")
 
     def connect(self, endpoint: tuple | None) -> None:
-        """Client mode: exchange datagrams with `endpoint` only (None: not known yet)."""
+        """Client mode: exchange datagrams with `endpoint` only (None: not known yet).
+
+        A connected socket is disconnected first, so the kernel chooses the source address
+        anew (a plain connect() would keep the old one, even when it is gone). OSError if the
+        kernel refuses (no route); the socket is then unconnected.
+        """
+        if self.peer_endpoint is not None:
+            transport.disconnect(self.sock)
+            self.peer_endpoint = None
         if endpoint is not None:
             self.sock.connect(endpoint)
         self.peer_endpoint = endpoint
+        self.rebind_wanted = False
+
+    def _send_failed(self, error: OSError, count: int = 1) -> None:
+        self.core.counters.send_failed += count
+        if error.errno in transport.REBIND_ERRORS and self.peer_endpoint is not None:
+            self.rebind_wanted = True
 
     def run(self, wake_fd: int, on_wake: Callable[[], None],
             on_tick: Callable[[float], float]) -> None:
@@ -142,7 +172,8 @@ class Forwarder:
     def pump_tun(self) -> None:
         """Packets from the kernel, out to their peers."""
         fd, bufs, view, sock = self.tun_fd, self._tun_bufs, self._tun_view, self.sock
-        outbound, counters, connected = self.core.outbound, self.core.counters, self.peer_endpoint
+        core, connected, one = self.core, self.peer_endpoint, self._one
+        outbound = core.outbound
         more = self._tun_more
         for i in range(BUDGET):
             if i == 1 and not more(0):
@@ -157,22 +188,28 @@ class Forwarder:
             try:
                 if connected is not None:
                     sock.send(sealed[0])
+                elif core.send_from is not None:  # a pktinfo server: from the peer's address
+                    one[0] = sealed[0]
+                    sock.sendmsg(one, core.send_from, 0, sealed[1])
                 else:
                     sock.sendto(sealed[0], sealed[1])
-            except OSError:  # buffer full, or an ICMP error from an earlier datagram
-                counters.send_failed += 1
+            except OSError as error:  # buffer full, or an ICMP error from an earlier datagram
+                self._send_failed(error)
 
     def pump_socket(self) -> None:
         """Datagrams from peers, into the kernel."""
         fd, buf, view, sock, core = self.tun_fd, self._net_buf, self._net_view, self.sock, self.core
         inbound, counters, connected = core.inbound, core.counters, self.peer_endpoint
-        more = self._sock_more
+        more, pktinfo, bufs, local = self._sock_more, self.pktinfo, self._net_bufs, self._locals
         for i in range(BUDGET):
             if i == 1 and not more(0):
                 return
             try:
                 if connected is not None:
                     n, source = sock.recv_into(buf), connected
+                elif pktinfo:  # the only control message asked for: the local address
+                    n, control, _, source = sock.recvmsg_into(bufs, transport.PKTINFO_SPACE)
+                    core.received_at = local[control[0][2]] if control else None
                 else:
                     n, source = sock.recvfrom_into(buf)
             except BlockingIOError:
@@ -195,14 +232,19 @@ class Forwarder:
     def pump_tun_offload(self) -> None:
         """Packets and super-packets from the kernel, out to their peers in GSO batches."""
         fd, bufs, buf, view = self.tun_fd, self._tun_bufs, self._tun_buf, self._tun_view
-        outbound, counters = self.core.outbound, self.core.counters
+        core = self.core
+        outbound, counters = core.outbound, core.counters
         segments, add, header = self._segments, self._batch.add, VNET_HDR.unpack_from
-        more, lone = self._tun_more, None
+        more, lone, lone_from = self._tun_more, None, None
+        # A batch holds datagrams from one local address (pktinfo): a datagram from another
+        # flushes it first. Without pktinfo send_from stays None and this never fires.
+        flush = self._batch.flush
         for i in range(BUDGET):
             if i == 1:
                 if not more(0):
                     break
                 if lone is not None:  # not alone after all; the next read reuses the buffer
+                    self._batch_from = lone_from
                     add(*lone)
                     lone = None
             try:
@@ -218,9 +260,12 @@ class Forwarder:
                 sealed = outbound(packet)
                 if sealed is not None:
                     if i:
+                        if core.send_from is not self._batch_from:
+                            flush()
+                            self._batch_from = core.send_from
                         add(*sealed)
                     else:
-                        lone = sealed
+                        lone, lone_from = sealed, core.send_from
                 continue
             end, size = split(packet, gso_type, gso_size, csum_start, segments)
             if not end:
@@ -230,15 +275,19 @@ class Forwarder:
             for at in range(0, end, size):
                 sealed = outbound(packets[at:at + size])
                 if sealed is not None:
+                    if core.send_from is not self._batch_from:
+                        flush()
+                        self._batch_from = core.send_from
                     add(*sealed)
         if lone is not None:  # a lone packet (a ping) goes as it is, no batch
-            self.send(*lone)
-        self._batch.flush()
+            self.send(*lone, lone_from)
+        flush()
 
     def _send_batch(self, data: memoryview, size: int, count: int, endpoint: tuple | None) -> None:
         """DatagramBatch's output: `count` datagrams of `size` bytes (the last maybe shorter)."""
+        local = self._batch_from
         if count == 1:
-            self.send(data, endpoint)
+            self.send(data, endpoint, local)
             return
         sock, connected = self.sock, self.peer_endpoint
         try:
@@ -247,24 +296,32 @@ class Forwarder:
                 if connected is not None:
                     sock.sendmsg([data], control)
                 else:
-                    sock.sendmsg([data], control, 0, endpoint)
+                    sock.sendmsg([data], control + local if local else control, 0, endpoint)
                 return
         except OSError as error:
             if error.errno not in GSO_REFUSED:
-                self.core.counters.send_failed += count
+                self._send_failed(error, count)
+                return
+            # EINVAL may be the path (GSO's fault) or the source address gone (not its fault):
+            # if one datagram alone fails as well, keep GSO and count the batch as failed
+            if not self.send(data[:size], endpoint, local):
+                self.core.counters.send_failed += count - 1
                 return
             # e.g. a path MTU below the segment size: one datagram per sendmsg from now on
             log.warning("UDP GSO refused (%s): sending datagrams one by one", error.strerror)
             self.gso = False
+            data = data[size:]
         for at in range(0, len(data), size):
-            self.send(data[at:at + size], endpoint)
+            self.send(data[at:at + size], endpoint, local)
 
     def pump_socket_offload(self) -> None:
         """Datagrams (GRO batches of them) from peers, into the kernel as super-packets."""
         bufs, view, receive = self._net_bufs, self._net_view, self.sock.recvmsg_into
         core = self.core
         inbound, counters, connected = core.inbound, core.counters, self.peer_endpoint
-        add = self._coalescer.add
+        add, local, space = self._coalescer.add, self._locals, _GRO_SPACE
+        if self.pktinfo:
+            space += transport.PKTINFO_SPACE
         more, lone = self._sock_more, None
         for i in range(BUDGET):
             if i == 1:
@@ -274,7 +331,7 @@ class Forwarder:
                     add(lone)
                     lone = None
             try:
-                n, control, _, source = receive(bufs, _GRO_SPACE)
+                n, control, _, source = receive(bufs, space)
             except BlockingIOError:
                 break
             except OSError:  # ECONNREFUSED: the server's port was closed when we last sent
@@ -286,6 +343,8 @@ class Forwarder:
             for level, kind, data in control:
                 if level == transport.SOL_UDP and kind == transport.UDP_GRO:
                     size = int.from_bytes(data, sys.byteorder)
+                elif kind == local.kind and level == local.level:
+                    core.received_at = local[data]
             if 0 < size < n:
                 datagrams = view[:n]
                 for at in range(0, n, size):
@@ -339,12 +398,20 @@ class Forwarder:
             except OSError:
                 self.core.counters.tun_failed += 1
 
-    def send(self, payload: memoryview | bytes, endpoint: tuple | None) -> None:
-        """One datagram: keepalives, a lone packet, or a batch the kernel would not segment."""
+    def send(self, payload: memoryview | bytes, endpoint: tuple | None,
+             local: list | None = None) -> bool:
+        """One datagram: keepalives, a lone packet, or a batch the kernel would not segment.
+        `local`: the peer's Peer.local (send from that address). False if it failed (counted)."""
         try:
             if self.peer_endpoint is not None:
                 self.sock.send(payload)
+            elif local is not None:
+                one = self._one
+                one[0] = payload
+                self.sock.sendmsg(one, local, 0, endpoint)
             else:
                 self.sock.sendto(payload, endpoint)
-        except OSError:
-            self.core.counters.send_failed += 1
+        except OSError as error:
+            self._send_failed(error)
+            return False
+        return True

@@ -19,7 +19,7 @@ BITS = {4: 32, 6: 128}
 class Peer:
     __slots__ = (
         "name", "allowed_ips", "pinned_host", "pinned_port", "endpoint", "learned",
-        "last_rx", "last_tx", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
+        "last_rx", "last_tx", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "local",
     )
 
     def __init__(
@@ -38,6 +38,7 @@ class Peer:
         self.learned = learned
         self.last_rx = self.last_tx = 0.0
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
+        self.local = None  # our address its datagrams arrive at, for replies (core.received_at)
 
     def accepts_endpoint(self, source: tuple) -> bool:
         if self.pinned_host is None:

@@ -53,9 +53,12 @@ class Daemon:
         self.core: Core | None = None
         self._resolving: threading.Thread | None = None
         self._resolved: tuple | None = None
+        self._resolved_for: tuple | None = None  # the profile's server that _resolved is for
         self._resolve_error: str = ""
         self._resolve_delay = 1.0
         self._next_resolve = 0.0
+        self._retry = False  # resolve and connect again at _next_resolve
+        self._addresses: transport.AddressWatch | None = None
         self._silent_warned = False
         self._connected_at = 0.0
         self._next_status = self._next_watchdog = 0.0
@@ -100,17 +103,20 @@ class Daemon:
         self._signals()
 
         peers = PeerTable()
+        pktinfo = False
         if p.mode == "client":
             family = transport.client_family(p.server[0])
             self.sock = transport.open_udp("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
             self.server_peer = Peer("server", EVERYWHERE)
             peers.add(self.server_peer)
+            self._watch_addresses()
         else:
             self.sock = transport.open_udp(*p.listen)
+            pktinfo = transport.enable_pktinfo(self.sock)  # answer from the address asked
             for peer in self._configured_peers(p):
                 peers.add(peer)
         self.core = Core(peers, PlainWire(), echo_keepalives=p.mode == "server")
-        self.forwarder = Forwarder(self.tun_fd, self.sock, self.core, offloads)
+        self.forwarder = Forwarder(self.tun_fd, self.sock, self.core, offloads, pktinfo)
         self._apply_logging(p)
         self._apply_learning(p)
         self._apply_addresses(p)
@@ -139,6 +145,9 @@ class Daemon:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        if self._addresses is not None:
+            self._addresses.close()
+            self._addresses = None
 
     # -- signals ----------------------------------------------------------------------------
 
@@ -195,7 +204,7 @@ class Daemon:
         self._apply_logging(new)
         self._apply_learning(new)
         self._apply_addresses(new)
-        if new.mode == "client" and new.server != old.server:
+        if new.mode == "client":  # even the same name: it may point elsewhere, our source too
             self._start_resolving(time.monotonic())
         log.info("reloaded %s", new.path)
         self.notify("READY=1", f"STATUS={self.status()}")
@@ -210,7 +219,7 @@ class Daemon:
                     and peer.accepts_endpoint(before.endpoint):
                 peer.endpoint = before.endpoint
                 for field in ("last_rx", "last_tx", "rx_packets", "rx_bytes", "tx_packets",
-                              "tx_bytes"):
+                              "tx_bytes", "local"):
                     setattr(peer, field, getattr(before, field))
             table.add(peer)
         if not profile.peers:  # still learning: keep the clients we have
@@ -261,8 +270,8 @@ class Daemon:
                          transport.format_endpoint(peer.endpoint), p.peer_timeout)
             self._settle_claims()
         if p.keepalive:
-            for payload, endpoint in self.core.keepalives_due(p.keepalive):
-                self.forwarder.send(payload, endpoint)
+            for keepalive in self.core.keepalives_due(p.keepalive):
+                self.forwarder.send(*keepalive)
         if now >= self._next_status:
             self.notify(f"STATUS={self.status()}")
             self._next_status = now + STATUS_INTERVAL
@@ -287,12 +296,20 @@ class Daemon:
         if self._resolving is not None and not self._resolving.is_alive():
             self._resolving = None
             self._finish_resolving(now)
-        elif self._resolving is None and self.server_peer.endpoint is None \
-                and now >= self._next_resolve:
-            self._start_resolving(now)
+        elif self._resolving is None:
+            changed = self._addresses is not None and self._addresses.changed()
+            if self._retry:
+                if changed:  # an address or a route changed: the server may be reachable
+                    self._next_resolve = now
+                if now >= self._next_resolve:
+                    self._start_resolving(now)
+            elif (changed or self.forwarder.rebind_wanted) and self.server_peer.endpoint:
+                # our address may have changed: reconnect if the kernel picks another source
+                self._connect(now, self.server_peer.endpoint)
         keepalive = self.profile.keepalive
         if not keepalive or self.server_peer.endpoint is None:
             return
+        # silent since the last reply, or since we first reached the server if none came yet
         heard = max(self.server_peer.last_rx, self._connected_at)
         silent = now - heard
         if silent > 3 * keepalive and not self._silent_warned:
@@ -301,10 +318,17 @@ class Daemon:
         elif silent <= 3 * keepalive and self._silent_warned:
             log.info("server %s is answering again", self._server_text())
             self._silent_warned = False
-        self._connected_at = 0.0
+
+    def _watch_addresses(self) -> None:
+        try:
+            self._addresses = transport.AddressWatch()
+        except Exception as error:  # noqa: BLE001 - send errors still trigger a reconnect
+            log.warning("cannot watch address changes (%s): noticed on send errors only", error)
 
     def _start_resolving(self, now: float) -> None:
-        host, port = self.profile.server
+        if self._resolving is not None:  # one at a time; _finish_resolving starts over if the
+            return                        # profile's server changed meanwhile
+        host, port = server = self.profile.server
         family = self.sock.family
 
         def resolve() -> None:
@@ -312,6 +336,7 @@ class Daemon:
                 self._resolved = transport.resolve(host, port, family)
             except OSError as error:
                 self._resolved, self._resolve_error = None, str(error)
+            self._resolved_for = server
 
         self._resolving = threading.Thread(target=resolve, name="resolve", daemon=True)
         self._resolving.start()
@@ -321,21 +346,53 @@ class Daemon:
             self._finish_resolving(now)
 
     def _finish_resolving(self, now: float) -> None:
-        if self._resolved is None:
-            log.warning("cannot resolve server %s (%s); retrying in %d s", self._server_text(),
-                        self._resolve_error, self._resolve_delay)
-            self._next_resolve = now + self._resolve_delay
-            self._resolve_delay = min(self._resolve_delay * 2, 60.0)
+        if self._resolved_for != self.profile.server:  # a reload changed it meanwhile
+            self._start_resolving(now)
             return
-        self._resolve_delay = 1.0
-        endpoint = self._resolved
+        if self._resolved is None:
+            self._retry_later(now, f"cannot resolve server {self._server_text()} "
+                                   f"({self._resolve_error})")
+            return
+        self._connect(now, self._resolved)
+
+    def _connect(self, now: float, endpoint: tuple) -> None:
+        """Talk to the server at `endpoint`: connect the socket, or reconnect it when the
+        kernel would now send from another source address (ours changed or went away), or do
+        nothing if all is as it was. Without a route: stay as we are, retry with back-off."""
+        forwarder, retrying = self.forwarder, self._retry
+        before = self.sock.getsockname()[0] if forwarder.peer_endpoint is not None else None
+        try:
+            source = transport.source_for(self.sock.family, endpoint)
+            if endpoint == forwarder.peer_endpoint and source == before:
+                forwarder.rebind_wanted = False
+            else:
+                forwarder.connect(endpoint)
+        except OSError as error:
+            where = transport.format_endpoint(endpoint)
+            self._retry_later(now, f"cannot reach server {self._server_text()}"
+                                   + ("" if where == self._server_text() else f" at {where}")
+                                   + f": {error.strerror or error}")
+            return
+        self._retry, self._resolve_delay = False, 1.0
         if endpoint != self.server_peer.endpoint:
-            self.forwarder.connect(endpoint)
             self.core.peers.move(self.server_peer, endpoint)
             # idle from now: the first keepalive goes out one interval later, not at once
             self._connected_at = self.server_peer.last_tx = now
             log.info("server %s is at %s", self._server_text(),
                      transport.format_endpoint(endpoint))
+        elif source != before:
+            log.info("source address for server %s is now %s (was %s): reconnected",
+                     self._server_text(), transport.format_host(source),
+                     transport.format_host(before) if before else "none")
+            self.server_peer.last_tx = float("-inf")  # tell the server at once where we are
+        elif retrying:
+            log.info("server %s is reachable again", self._server_text())
+
+    def _retry_later(self, now: float, why: str) -> None:
+        log.warning("%s; retrying in %d s", why, self._resolve_delay)
+        self._retry = True
+        self._next_resolve = now + self._resolve_delay
+        self._resolve_delay = min(self._resolve_delay * 2, 60.0)
 
     def _server_text(self) -> str:
         host, port = self.profile.server
