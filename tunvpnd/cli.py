@@ -7,9 +7,12 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .profile import Profile
+
+if TYPE_CHECKING:  # imported when used: `run` blocks its signals as early as it can
+    from .profile import Profile
 
 EX_CONFIG = 78  # sysexits.h: the unit's RestartPreventExitStatus= keeps a bad profile from looping
 

@@ -83,7 +83,9 @@ class Daemon:
             self.cleanup()
             return 0
         except Exception as error:  # noqa: BLE001 - any set-up failure: undo, report, exit 1
-            log.error("start failed: %s", error, exc_info=log.isEnabledFor(logging.DEBUG))
+            # A refusal (OSError, InstanceError) says it all; anything else is a bug.
+            bug = not isinstance(error, (OSError, instance.InstanceError))
+            log.error("start failed: %s", error, exc_info=bug and log.isEnabledFor(logging.DEBUG))
             self.cleanup()
             return 1
         code = 0
@@ -225,7 +227,8 @@ class Daemon:
             if (new.addresses, new.mtu) != (old.addresses, old.mtu):
                 self.netconf.setup_interface(self.ifname, new.addresses, new.mtu)
             if new.routes != old.routes:
-                self.netconf.sync_routes(self.ifindex, new.routes)
+                for skipped in self.netconf.sync_routes(self.ifindex, new.routes, strict=False):
+                    log.warning("reload: skipped %s", skipped)
         except Exception as error:  # noqa: BLE001 - a netlink refusal must not kill the tunnel
             log.error("reload: could not apply interface settings: %s", error)
         if new.peers != old.peers:
