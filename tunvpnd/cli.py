@@ -69,10 +69,11 @@ def cleanup(name: str) -> int:
     except InstanceError as error:
         _error(f"cleanup: {error}")
         return 2  # a usage error, like argparse's
+    directory = run_dir()
+    state = directory / f"{instance}.state"
     try:
-        directory = run_dir()
-        if not check_run_dir(directory):
-            return 0  # no run directory: no run left anything
+        if not check_run_dir(directory) or not (state.exists() or state.is_symlink()):
+            return 0  # after a clean stop: nothing to do, nothing touched
         lock = lock_instance(instance, directory)
     except InstanceBusy as busy:
         _error(f"cleanup: {busy}: nothing done (it cleans up itself when it stops)")
@@ -81,9 +82,6 @@ def cleanup(name: str) -> int:
         _error(f"cleanup: {error}")
         return 1
     try:
-        state = directory / f"{instance}.state"
-        if not state.exists():
-            return 0
         with NetConfig(state) as netconf:
             for line in netconf.recover():
                 log.warning("undid what a crashed run left behind: %s", line)

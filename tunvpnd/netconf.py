@@ -161,6 +161,9 @@ class NetConfig:
         pid = os.getpid()
         self._state: dict[str, Any] = {
             "pid": pid, "start": _start_time(pid), "forwarding": [], "routes_on": []}
+        # The file at state_path is ours once we wrote it or recovered what it held: until
+        # then (an unreadable file, another live run's) restore() must leave it where it is.
+        self._own_file = False
 
     def __enter__(self) -> NetConfig:
         return self
@@ -223,6 +226,7 @@ class NetConfig:
     def _save(self) -> None:
         """Write the state file atomically, so a crash never leaves a torn one."""
         self.state_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self._own_file = True
         tmp = self.state_path.with_name(self.state_path.name + ".tmp")
         with open(tmp, "w") as f:
             json.dump(self._state, f, indent=1)
@@ -403,6 +407,7 @@ class NetConfig:
         """Undo what a dead earlier run recorded in the state file; say what was undone."""
         old = self._read_state()
         if old is None:
+            self._own_file = True
             self._remove_state_file()
             return []
         pid = old.get("pid")
@@ -411,6 +416,7 @@ class NetConfig:
         if pid != os.getpid() and started is not None and started == old.get("start"):
             raise NetConfigError(f"{self.state_path} belongs to running process {pid}")
         lines = self._undo(old)
+        self._own_file = True
         self._remove_state_file()
         return lines
 
@@ -418,4 +424,5 @@ class NetConfig:
         """Remove our routes, put forwarding back as recorded, delete the state file."""
         self._undo(self._state)
         self._state["forwarding"], self._state["routes_on"] = [], []
-        self._remove_state_file()
+        if self._own_file:
+            self._remove_state_file()
