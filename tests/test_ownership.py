@@ -239,7 +239,7 @@ def test_an_existing_interface_that_is_not_a_tun_is_refused(lab, daemons):
 # Moments to send the signal at: right after spawn (the interpreter may not even run yet),
 # once the lock is taken, once the state file exists (TUN up, routes being added), and fixed
 # offsets that land in between on this machine.
-MOMENTS = ("spawn", "lock", "state", 0.05, 0.1, 0.15, 0.25)
+MOMENTS = ("spawn", "state", 0.05, 0.1, 0.15, 0.25, "lock")
 
 
 def signal_while_starting(lab, daemons, name: str, number: int, moment) -> tuple[Daemon, bool]:
