@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import EXAMPLES, REPO, tun_links, unique
+from tests.conftest import EXAMPLES, REPO, forwarding, server_profile, tun_links, unique
 from tunvpnd.lab import leftover_namespaces
 
 EX_CONFIG = 78
@@ -89,3 +89,78 @@ def test_lab_demo_end_to_end():
     assert "102400 bytes echoed back identical" in result.stdout
     assert "DEMO OK" in result.stdout
     assert leftover_namespaces(prefix) == []
+
+
+# -- cleanup (issue 8, item 15) -------------------------------------------------------------
+
+
+def cleanup_in(lab, role: str, name: str, run_dir: Path) -> subprocess.CompletedProcess:
+    """`tunvpnd cleanup NAME` as the unit's ExecStopPost runs it, inside a lab host."""
+    return lab.run(role, [sys.executable, "-m", "tunvpnd", "cleanup", name],
+                   env={"TUNVPN_RUN_DIR": str(run_dir)}, cwd="/")
+
+
+def test_cleanup_refuses_names_that_leave_the_run_directory(tmp_path, lab):
+    run = tmp_path / "run"
+    run.mkdir()
+    outside = tmp_path / "outside.state"  # a state file one level up, that a path could reach
+    outside.write_text('{"pid": 1, "start": "0", "forwarding": [], "routes_on": []}')
+    for name in ("../outside", "../../etc/passwd", "..", ".", "a/b", "", "x\nlogin"):
+        result = cleanup_in(lab, "hostu", name, run)
+        assert result.returncode == 2, (name, result.stderr)
+        assert "not an instance name" in result.stderr and "Traceback" not in result.stderr
+    assert outside.exists()
+    for name in ("client", "tunvpnd@x-1.b", str(tmp_path / "conf" / "client.yaml")):
+        result = cleanup_in(lab, "hostu", name, run)
+        assert result.returncode == 0, (name, result.stderr)
+    assert outside.exists() and list(run.iterdir()) == []  # nothing to do: nothing touched
+
+
+def test_cleanup_while_the_daemon_runs_says_so_and_changes_nothing(lab, daemons):
+    server = daemons(lab, "server", server_profile(extra="routes: [192.168.70.0/24]"))
+    state = (server.run_dir / "server.state").read_text()
+    flags = forwarding(lab, "server")
+    result = cleanup_in(lab, "server", str(server.profile), server.run_dir)
+    assert result.returncode == 1
+    assert (f"cleanup: tunvpnd server is already running (pid {server.pid}; lock "
+            f"{server.run_dir / 'server.lock'}): nothing done") in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (server.run_dir / "server.state").read_text() == state
+    assert forwarding(lab, "server") == flags and set(flags.values()) == {1}
+    assert server.proc.poll() is None and server.stop() == 0
+    assert cleanup_in(lab, "server", "server", server.run_dir).returncode == 0
+
+
+def test_state_file_of_the_wrong_shape_is_named_at_start_and_in_cleanup(lab, daemons, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    state = run / "server.state"
+    state.write_text('{"pid": 1, "routes_on": 5}')
+    result = cleanup_in(lab, "server", "server", run)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (f"cleanup: state file {state} is not a tunvpnd state file (routes_on: not a list)"
+            in result.stderr)
+    server = daemons(lab, "server", server_profile(), wait=False,
+                     env={"TUNVPN_RUN_DIR": str(run)})
+    assert server.proc.wait(15) == 1
+    assert (f"start failed: state file {state} is not a tunvpnd state file (routes_on: not a "
+            "list)") in server.log()
+    assert "Traceback" not in server.log()
+    assert tun_links(lab, "server") == [] and state.exists()
+
+
+def test_run_dir_that_is_a_file_gives_one_clear_error(lab, daemons, tmp_path):
+    file = tmp_path / "not-a-dir"
+    file.write_text("")
+    server = daemons(lab, "server", server_profile(), wait=False,
+                     env={"TUNVPN_RUN_DIR": str(file)})
+    assert server.proc.wait(15) == 1
+    errors = [line for line in server.log().splitlines() if " ERROR " in line]
+    assert len(errors) == 1, server.log()
+    assert errors[0].endswith(f"start failed: run directory {file} (from TUNVPN_RUN_DIR) is "
+                              "not a directory")
+    assert tun_links(lab, "server") == []
+    result = cleanup_in(lab, "server", "server", file)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"cleanup: run directory {file} (from TUNVPN_RUN_DIR) is not a directory" in \
+        result.stderr

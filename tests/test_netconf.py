@@ -7,6 +7,7 @@ happened.  Nothing here touches the root namespace.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing
 import os
@@ -14,6 +15,7 @@ import secrets
 import select
 import shutil
 import socket
+import struct
 import subprocess
 import time
 import traceback
@@ -25,7 +27,7 @@ import pytest
 from pyroute2 import IPRoute, netns
 
 from tunvpnd.netconf import RTPROT_TUNVPND, NetConfig, NetConfigError
-from tunvpnd.tun import open_tun
+from tunvpnd.tun import IFF_TUN, TUNSETIFF, TunExists, check_free, open_tun, open_tun_offload
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and TUN")
 
@@ -184,7 +186,7 @@ def test_open_tun_errors_name_the_device(make_ns):
     def body():
         with pytest.raises(OSError, match="x" * 20):
             open_tun("x" * 20)
-        with pytest.raises(OSError, match="'lo'"):
+        with pytest.raises(OSError, match="^interface lo exists already"):
             open_tun("lo")  # exists and is not a TUN
 
     in_ns(make_ns(), body)
@@ -380,3 +382,157 @@ def test_forwarded_ping_through_three_namespaces(make_ns, tmp_path):
 
     assert any("ra" in line for line in in_ns(r, recover))
     assert not ping(a, "10.2.0.2")
+
+
+# -- route ownership (issue 8, item 1) ------------------------------------------------------
+
+
+def main_table(ipr: IPRoute, but: int | None = None) -> list[tuple]:
+    """(dst, prefix, oif, gateway, proto, metric) of every main-table route not on `but`."""
+    out = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for m in ipr.get_routes(family=family):
+            if (m.get_attr("RTA_TABLE") or m["table"]) == 254 and m.get_attr("RTA_OIF") != but:
+                out.append((m.get_attr("RTA_DST"), m["dst_len"], m.get_attr("RTA_OIF"),
+                            m.get_attr("RTA_GATEWAY"), m["proto"], m.get_attr("RTA_PRIORITY")))
+    return sorted(out, key=str)
+
+
+def test_sync_routes_never_takes_a_route_it_does_not_own(make_ns, tmp_path):
+    """The three cases of the issue: the default route, the underlay's connected subnet and
+    another instance's route. At start: refused naming both, nothing changed. On reload:
+    each reported and skipped, the rest applied. On restore: only ours removed."""
+    def body():
+        with NetConfig(tmp_path / "s.state") as nc, IPRoute() as ipr:
+            v0, _ = veth_pair(ipr, "v0", "v1")
+            ipr.addr("add", index=v0, address="10.9.0.5", prefixlen=24)
+            ipr.route("add", dst="0.0.0.0", dst_len=0, gateway="10.9.0.11", oif=v0, proto=3)
+            other_fd, other = open_tun("tun%d")  # another instance, with its route
+            oidx = NetConfig(tmp_path / "o.state").setup_interface(other, ["10.1.0.1/24"], 1400)
+            ipr.route("add", dst="192.168.60.0", dst_len=24, oif=oidx, proto=RTPROT_TUNVPND,
+                      scope=253)
+            fd, name = open_tun("tun%d")
+            idx = nc.setup_interface(name, ["10.2.0.1/24"], 1400)
+            before = main_table(ipr, but=idx)
+            want = ["0.0.0.0/0", "10.9.0.0/24", "192.168.60.0/24", "10.20.0.0/16"]
+            with pytest.raises(NetConfigError) as refused:
+                nc.sync_routes(idx, want, strict=True)
+            message = str(refused.value)
+            assert (f"route 0.0.0.0/0 dev {name}: 0.0.0.0/0 via 10.9.0.11 dev v0 proto boot "
+                    "exists already (not ours)") in message
+            assert (f"route 10.9.0.0/24 dev {name}: 10.9.0.0/24 dev v0 proto kernel exists "
+                    "already (not ours)") in message
+            assert (f"route 192.168.60.0/24 dev {name}: 192.168.60.0/24 dev {other} proto 86 "
+                    "exists already (not ours)") in message
+            assert routes(ipr, idx) == set()  # not even the free one
+            assert main_table(ipr, but=idx) == before
+            skipped = nc.sync_routes(idx, want, strict=False)
+            assert len(skipped) == 3 and all("(not ours)" in s for s in skipped)
+            assert routes(ipr, idx) == {"10.20.0.0/16"}
+            assert main_table(ipr, but=idx) == before
+            nc.restore()
+            assert routes(ipr, idx) == set() and main_table(ipr, but=idx) == before
+            os.close(fd)
+            os.close(other_fd)
+
+    in_ns(make_ns(), body)
+
+
+def test_sync_routes_leaves_the_kernels_route_on_its_own_tun_alone(make_ns, tmp_path):
+    """The tunnel network itself listed in routes: the kernel already routes it into our
+    TUN; not a conflict, not taken over (it goes with the TUN)."""
+    def body():
+        fd, name = open_tun()
+        with NetConfig(tmp_path / "s.state") as nc, IPRoute() as ipr:
+            idx = nc.setup_interface(name, ["10.9.9.1/24", "fd09:9::1/64"], 1400)
+            assert nc.sync_routes(idx, ["10.9.9.0/24", "fd09:9::/64"]) == []
+            assert routes(ipr, idx) == set()
+            assert routes(ipr, idx, proto=2) >= {"10.9.9.0/24", "fd09:9::/64"}
+        os.close(fd)
+
+    in_ns(make_ns(), body)
+
+
+# -- the state file (issue 8, item 15) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("[]", "a JSON list, not an object"),
+    ('{"pid": "1"}', "pid: not an integer"),
+    ('{"routes_on": 5}', "routes_on: not a list"),
+    ('{"routes_on": [7]}', "routes_on[0]: not an object"),
+    ('{"forwarding": [{"ifindex": 2, "ifname": "eth0"}]}', "forwarding[0].was: missing"),
+    ('{"forwarding": [{"ifindex": true, "ifname": "eth0", "was": 0}]}',
+     "forwarding[0].ifindex: missing or not an integer"),
+    ("[" * 100000, "not valid JSON"),
+    ('{"pid": 1', "not valid JSON"),
+])
+def test_recover_names_a_state_file_of_the_wrong_shape(make_ns, tmp_path, text, problem):
+    state = tmp_path / "client.state"
+    state.write_text(text)
+
+    def body():
+        with NetConfig(state) as nc, pytest.raises(NetConfigError) as error:
+            nc.recover()
+        return str(error.value)
+
+    message = in_ns(make_ns(), body)
+    assert str(state) in message and problem in message, message
+    assert state.read_text() == text  # kept for the operator to look at
+
+
+def test_recover_does_not_hang_on_a_fifo(make_ns, tmp_path):
+    state = tmp_path / "client.state"
+    os.mkfifo(state)
+
+    def body():
+        with NetConfig(state) as nc, pytest.raises(NetConfigError, match="not a regular file"):
+            nc.recover()
+
+    in_ns(make_ns(), body, timeout=10)
+
+
+def test_recover_removes_a_torn_temporary_state_file(make_ns, tmp_path):
+    """A run killed between writing NAME.state.tmp and renaming it left only the copy; it
+    describes changes not made yet (the file is always written first)."""
+    state = tmp_path / "client.state"
+    tmp = tmp_path / "client.state.tmp"
+    tmp.write_text('{"pid": 1, "forwa')
+
+    def body():
+        with NetConfig(state) as nc:
+            assert nc.recover() == []
+
+    in_ns(make_ns(), body)
+    assert not tmp.exists() and not state.exists()
+
+
+# -- an existing interface is never adopted (issue 8, item 10) ------------------------------
+
+
+def test_open_tun_refuses_an_existing_persistent_tun_and_leaves_it_alone(make_ns):
+    def body():
+        def details() -> dict:
+            out = subprocess.run([IP, "-d", "-j", "link", "show", "tvp0"], check=True,
+                                 capture_output=True, text=True, timeout=10).stdout
+            (link,) = json.loads(out)
+            link.pop("stats64", None)
+            return link
+
+        fd = os.open("/dev/net/tun", os.O_RDWR)  # persistent, with packet-information header
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", b"tvp0", IFF_TUN))
+        fcntl.ioctl(fd, 0x400454CB, 1)  # TUNSETPERSIST; the namespace takes it away
+        os.close(fd)
+        ip("link", "set", "tvp0", "mtu", "1300")
+        before = details()
+        assert before["linkinfo"]["info_data"]["pi"] is True
+        with pytest.raises(TunExists, match="^interface tvp0 exists already"):
+            check_free("tvp0")
+        with pytest.raises(TunExists, match="^interface tvp0 exists already"):
+            open_tun("tvp0")  # the kernel refuses atomically (IFF_TUN_EXCL)
+        with pytest.raises(TunExists):
+            open_tun_offload("tvp0")
+        assert details() == before  # attaching would have switched pi off and vnet_hdr on
+        check_free("tun%d")  # a pattern always gets a new device
+
+    in_ns(make_ns(), body)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .profile import Profile
+
+if TYPE_CHECKING:  # imported when used: `run` blocks its signals as early as it can
+    from .profile import Profile
 
 EX_CONFIG = 78  # sysexits.h: the unit's RestartPreventExitStatus= keeps a bad profile from looping
 
@@ -31,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("action", choices=("up", "demo", "down"))
     lab.add_argument("--prefix", default="tvlab", help="namespace name prefix (default tvlab)")
     args = parser.parse_args(argv)
+    if args.command == "run":
+        # Held, not lost, until the daemon's handlers are in place (service.Daemon._signals):
+        # a SIGHUP or SIGTERM while starting must neither kill it nor leave half a set-up.
+        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
 
     if args.command == "lab":
         from . import lab as lab_module
@@ -46,20 +54,42 @@ def main(argv: list[str] | None = None) -> int:
 def cleanup(name: str) -> int:
     """Put back what a dead run recorded in its state file; nothing to do after a clean stop.
 
-    Works from the instance name alone, so a profile broken since is no obstacle.
+    Works from the instance name alone, so a profile broken since is no obstacle. Holds the
+    instance lock while it works: a running daemon's state is never touched.
     """
+    from .instance import InstanceBusy, InstanceError, check_run_dir, instance_name, lock_instance
     from .logs import setup_logging
     from .netconf import NetConfig
     from .service import run_dir
 
     setup_logging()
-    state = run_dir() / f"{Path(name).stem if name.endswith(('.yaml', '.yml')) else name}.state"
-    if not state.exists():
-        return 0
-    with NetConfig(state) as netconf:
-        for line in netconf.recover():
-            logging.getLogger("tunvpnd").warning("undid what a crashed run left behind: %s",
-                                                 line)
+    log = logging.getLogger("tunvpnd")
+    try:
+        instance = instance_name(name)
+    except InstanceError as error:
+        _error(f"cleanup: {error}")
+        return 2  # a usage error, like argparse's
+    directory = run_dir()
+    state = directory / f"{instance}.state"
+    try:
+        if not check_run_dir(directory) or not (state.exists() or state.is_symlink()):
+            return 0  # after a clean stop: nothing to do, nothing touched
+        lock = lock_instance(instance, directory)
+    except InstanceBusy as busy:
+        _error(f"cleanup: {busy}: nothing done (it cleans up itself when it stops)")
+        return 1
+    except InstanceError as error:
+        _error(f"cleanup: {error}")
+        return 1
+    try:
+        with NetConfig(state) as netconf:
+            for line in netconf.recover():
+                log.warning("undid what a crashed run left behind: %s", line)
+    except OSError as error:  # NetConfigError included: say what, no traceback
+        _error(f"cleanup: {error}")
+        return 1
+    finally:
+        os.close(lock)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from ipaddress import IPv4Interface, IPv6Interface, ip_interface, ip_network
 from pathlib import Path
@@ -27,6 +28,10 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 RTPROT_TUNVPND = 86
 
 RT_TABLE_MAIN = 254
+RTN_UNICAST = 1
+RTN_NAMES = {2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
+             7: "unreachable", 8: "prohibit", 9: "throw", 10: "nat"}
+RTPROT_NAMES = {1: "redirect", 2: "kernel", 3: "boot", 4: "static", 9: "ra", 16: "dhcp"}
 RT_SCOPE_LINK = 253  # what `ip route add NET dev X` uses for an IPv4 route without gateway
 IFF_LOOPBACK = 0x8
 IFA_F_NODAD = 0x02  # a point-to-point TUN has no neighbours: skip DAD, usable at once
@@ -34,6 +39,8 @@ IFLA_AF_SPEC = 26
 IFLA_INET_CONF = 1
 IPV4_DEVCONF_FORWARDING = 1  # linux/ip.h: the devconf indices are 1-based
 IN6_ADDR_GEN_MODE_NONE = 1  # linux/if_link.h
+
+STATE_MAX_BYTES = 1 << 20  # ours are a few hundred bytes; anything this big is not one
 
 Address = IPv4Interface | IPv6Interface
 
@@ -89,6 +96,58 @@ def _route_net(msg: Any) -> str:
     return str(ip_network(f"{dst}/{msg['dst_len']}"))
 
 
+def _route_table(msg: Any) -> int:
+    return msg.get_attr("RTA_TABLE") or msg["table"]
+
+
+def _describe(msg: Any, links: dict[int, str]) -> str:
+    """A route the way `ip route` shows it, e.g. "0.0.0.0/0 via 10.9.0.11 dev eth0 proto boot"."""
+    words = [] if msg["type"] == RTN_UNICAST else [RTN_NAMES.get(msg["type"], str(msg["type"]))]
+    words.append(_route_net(msg))
+    gateway = msg.get_attr("RTA_GATEWAY")
+    if gateway:
+        words.append(f"via {gateway}")
+    oif = msg.get_attr("RTA_OIF")
+    if oif is not None:
+        words.append(f"dev {links.get(oif, f'#{oif}')}")
+    elif msg.get_attr("RTA_MULTIPATH"):
+        words.append("with several next hops")
+    words.append(f"proto {RTPROT_NAMES.get(msg['proto'], msg['proto'])}")
+    metric = msg.get_attr("RTA_PRIORITY")
+    if metric:
+        words.append(f"metric {metric}")
+    return " ".join(words)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _state_problem(state: Any) -> str | None:
+    """What is wrong with the shape of a parsed state file (None: it is one of ours)."""
+    if not isinstance(state, dict):
+        return f"a JSON {type(state).__name__}, not an object"
+    if "pid" in state and state["pid"] is not None and not _is_int(state["pid"]):
+        return "pid: not an integer"
+    if state.get("start") is not None and not isinstance(state["start"], str):
+        return "start: not a string"
+    for key, fields in (("routes_on", ("ifindex", "ifname")),
+                        ("forwarding", ("ifindex", "ifname", "was"))):
+        records = state.get(key, [])
+        if not isinstance(records, list):
+            return f"{key}: not a list"
+        for i, rec in enumerate(records):
+            if not isinstance(rec, dict):
+                return f"{key}[{i}]: not an object"
+            for field in fields:
+                ok = isinstance(rec.get(field), str) if field == "ifname" else _is_int(
+                    rec.get(field))
+                if not ok:
+                    kind = "a string" if field == "ifname" else "an integer"
+                    return f"{key}[{i}].{field}: missing or not {kind}"
+    return None
+
+
 class NetConfig:
     """Configures links in the current network namespace; records outside changes in a file."""
 
@@ -102,6 +161,9 @@ class NetConfig:
         pid = os.getpid()
         self._state: dict[str, Any] = {
             "pid": pid, "start": _start_time(pid), "forwarding": [], "routes_on": []}
+        # The file at state_path is ours once we wrote it or recovered what it held: until
+        # then (an unreadable file, another live run's) restore() must leave it where it is.
+        self._own_file = False
 
     def __enter__(self) -> NetConfig:
         return self
@@ -125,12 +187,6 @@ class NetConfig:
     def _links(self) -> dict[int, str]:
         return {link["index"]: link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links()}
 
-    def _ifname(self, ifindex: int) -> str:
-        name = self._links().get(ifindex)
-        if name is None:
-            raise NetConfigError(f"no interface with index {ifindex}")
-        return name
-
     def _set_forwarding(self, ifindex: int, ifname: str, value: int) -> None:
         msg = _InetConfMsg()
         msg["index"] = ifindex
@@ -148,12 +204,17 @@ class NetConfig:
             spec["scope"] = RT_SCOPE_LINK
         self._do(f"{cmd} route {n} dev {ifname}", self._ipr.route, cmd, **spec, **extra)
 
-    def _tagged_routes(self, ifindex: int) -> Iterator[Any]:
+    def _main_routes(self) -> Iterator[Any]:
         for family in (AF_INET, AF_INET6):
             for msg in self._ipr.get_routes(family=family):
-                if (msg["proto"] == RTPROT_TUNVPND and msg.get_attr("RTA_OIF") == ifindex
-                        and (msg.get_attr("RTA_TABLE") or msg["table"]) == RT_TABLE_MAIN):
+                if _route_table(msg) == RT_TABLE_MAIN:
                     yield msg
+
+    def _tagged_routes(self, ifindex: int) -> Iterator[Any]:
+        """Our routes on `ifindex`: our protocol tag *and* that device, nothing else."""
+        for msg in self._main_routes():
+            if msg["proto"] == RTPROT_TUNVPND and msg.get_attr("RTA_OIF") == ifindex:
+                yield msg
 
     def _delete_route(self, msg: Any, ifname: str) -> str:
         net = _route_net(msg)
@@ -165,6 +226,7 @@ class NetConfig:
     def _save(self) -> None:
         """Write the state file atomically, so a crash never leaves a torn one."""
         self.state_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self._own_file = True
         tmp = self.state_path.with_name(self.state_path.name + ".tmp")
         with open(tmp, "w") as f:
             json.dump(self._state, f, indent=1)
@@ -208,19 +270,51 @@ class NetConfig:
         self._do(f"bring {ifname} up", self._ipr.link, "set", index=idx, state="up")
         return idx
 
-    def sync_routes(self, ifindex: int, routes: Iterable[Any]) -> None:
-        """Make our tagged routes on `ifindex` exactly `routes`; other routes are not touched."""
-        ifname = self._ifname(ifindex)
+    def sync_routes(self, ifindex: int, routes: Iterable[Any], *, strict: bool = True
+                    ) -> list[str]:
+        """Make our routes on `ifindex` exactly `routes`, never touching a route not ours.
+
+        Ours: protocol RTPROT_TUNVPND *and* output device `ifindex` (the TUN we created).
+        A wanted destination that the main table has already (any metric, protocol or
+        device) and that is not ours is a conflict.  strict (start): raise naming every
+        conflict, before anything is changed.  Otherwise (reload): skip those, apply the
+        rest, and return one line per skipped route.
+        """
+        links = self._links()
+        ifname = links.get(ifindex)
+        if ifname is None:
+            raise NetConfigError(f"no interface with index {ifindex}")
+        existing: dict[str, list[Any]] = {}
+        for msg in self._main_routes():
+            existing.setdefault(_route_net(msg), []).append(msg)
+        want = {str(ip_network(r)) for r in routes}
+        conflicts: list[str] = []
+        missing: list[str] = []
+        for net in sorted(want):
+            there = existing.get(net, [])
+            if any(m["proto"] == RTPROT_TUNVPND and m.get_attr("RTA_OIF") == ifindex
+                   for m in there):
+                continue  # ours already
+            # A route on our own TUN (the kernel's, for the prefix of one of its addresses)
+            # already sends this destination where we want it: it stays the kernel's.
+            others = [m for m in there if m.get_attr("RTA_OIF") != ifindex]
+            if others:
+                conflicts.append(f"route {net} dev {ifname}: {_describe(others[0], links)} "
+                                 "exists already (not ours)")
+            elif not there:
+                missing.append(net)
+        if conflicts and strict:
+            raise NetConfigError("; ".join(conflicts))
         rec = {"ifindex": ifindex, "ifname": ifname}
         if rec not in self._state["routes_on"]:
             self._state["routes_on"].append(rec)
             self._save()
-        want = {str(ip_network(r)) for r in routes}
-        for net in sorted(want):
-            self._route("replace", net, ifindex, ifname)
+        for net in missing:
+            self._route("add", net, ifindex, ifname)
         for msg in list(self._tagged_routes(ifindex)):
             if _route_net(msg) not in want:
                 self._delete_route(msg, ifname)
+        return conflicts
 
     def enable_forwarding(self, ifindex: int) -> None:
         """Turn IPv4 forwarding on for every non-loopback link, the TUN included.
@@ -271,25 +365,64 @@ class NetConfig:
             raise NetConfigError("; ".join(errors))
         return lines
 
+    def _read_state(self) -> dict[str, Any] | None:
+        """The state file left by an earlier run (None: there is none), its shape checked."""
+        path = self.state_path
+        damaged = (f"; check `ip route show proto {RTPROT_TUNVPND}` and the IPv4 forwarding "
+                   "flags, then delete it")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise NetConfigError(f"unreadable state file {path}: {e.strerror}{damaged}") from e
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            data = os.read(fd, STATE_MAX_BYTES + 1) if regular else b""
+        except OSError as e:
+            raise NetConfigError(f"unreadable state file {path}: {e.strerror}{damaged}") from e
+        finally:
+            os.close(fd)
+        if not regular:
+            raise NetConfigError(f"state file {path} is not a regular file{damaged}")
+        if len(data) > STATE_MAX_BYTES:
+            raise NetConfigError(f"state file {path} is not a tunvpnd state file (larger than "
+                                 f"{STATE_MAX_BYTES} bytes){damaged}")
+        try:
+            state = json.loads(data)
+        except (ValueError, RecursionError) as e:
+            raise NetConfigError(f"state file {path} is not valid JSON ({e}){damaged}") from None
+        problem = _state_problem(state)
+        if problem:
+            raise NetConfigError(f"state file {path} is not a tunvpnd state file ({problem})"
+                                 f"{damaged}")
+        return state
+
+    def _remove_state_file(self) -> None:
+        self.state_path.unlink(missing_ok=True)
+        # a run killed while writing it may have left its temporary copy
+        self.state_path.with_name(self.state_path.name + ".tmp").unlink(missing_ok=True)
+
     def recover(self) -> list[str]:
         """Undo what a dead earlier run recorded in the state file; say what was undone."""
-        try:
-            old = json.loads(self.state_path.read_text())
-        except FileNotFoundError:
+        old = self._read_state()
+        if old is None:
+            self._own_file = True
+            self._remove_state_file()
             return []
-        except (OSError, ValueError) as e:
-            raise NetConfigError(f"unreadable state file {self.state_path}: {e}") from e
         pid = old.get("pid")
         # Our own pid means an earlier run in this process (or a restarted pid namespace).
         started = _start_time(pid) if isinstance(pid, int) else None
         if pid != os.getpid() and started is not None and started == old.get("start"):
             raise NetConfigError(f"{self.state_path} belongs to running process {pid}")
         lines = self._undo(old)
-        self.state_path.unlink(missing_ok=True)
+        self._own_file = True
+        self._remove_state_file()
         return lines
 
     def restore(self) -> None:
         """Remove our routes, put forwarding back as recorded, delete the state file."""
         self._undo(self._state)
         self._state["forwarding"], self._state["routes_on"] = [], []
-        self.state_path.unlink(missing_ok=True)
+        if self._own_file:
+            self._remove_state_file()

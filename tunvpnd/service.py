@@ -18,14 +18,14 @@ from pathlib import Path
 
 import sdnotify
 
-from . import transport
+from . import instance, transport
 from .core import Core, Counters
 from .logs import PacketLog, set_level
 from .loop import Forwarder
 from .netconf import NetConfig
 from .peers import Peer, PeerTable
 from .profile import Profile, ProfileError, load_profile
-from .tun import open_tun, open_tun_offload
+from .tun import check_free, open_tun, open_tun_offload
 from .wire import PlainWire
 
 log = logging.getLogger("tunvpnd")
@@ -35,10 +35,17 @@ STATUS_INTERVAL = 5.0
 EVERYWHERE = (ip_network("0.0.0.0/0"), ip_network("::/0"))
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
+
+
 def run_dir() -> Path:
-    """Where the crash-recovery state lives: systemd's RuntimeDirectory= when there is one."""
-    explicit = os.environ.get("TUNVPN_RUN_DIR") or os.environ.get("RUNTIME_DIRECTORY", "")
-    return Path(explicit.split(":")[0] or "/run/tunvpnd")
+    """Where the crash-recovery state and the instance lock live (see instance.run_dir)."""
+    return instance.run_dir()
+
+
+class _StoppedDuringStart(Exception):
+    """SIGTERM/SIGINT arrived while starting: undo what was done and exit 0."""
 
 
 class Daemon:
@@ -46,6 +53,9 @@ class Daemon:
         self.profile = profile
         self.notifier = sdnotify.SystemdNotifier()
         self.netconf: NetConfig | None = None
+        self.lock_fd = -1
+        self._stop_signal = 0
+        self._wake_r = -1
         self.tun_fd = -1
         self.sock = None
         self.forwarder: Forwarder | None = None
@@ -68,10 +78,17 @@ class Daemon:
 
     def run(self) -> int:
         """Set up, forward until SIGTERM/SIGINT, clean up. The exit code for the process."""
+        self._signals()  # before the first change: a signal never finds us half set up
         try:
             self.start()
+        except _StoppedDuringStart as stop:
+            log.info("%s while starting: stopping", stop)
+            self.cleanup()
+            return 0
         except Exception as error:  # noqa: BLE001 - any set-up failure: undo, report, exit 1
-            log.error("start failed: %s", error, exc_info=log.isEnabledFor(logging.DEBUG))
+            # A refusal (OSError, InstanceError) says it all; anything else is a bug.
+            bug = not isinstance(error, (OSError, instance.InstanceError))
+            log.error("start failed: %s", error, exc_info=bug and log.isEnabledFor(logging.DEBUG))
             self.cleanup()
             return 1
         code = 0
@@ -87,20 +104,26 @@ class Daemon:
 
     def start(self) -> None:
         p = self.profile
+        # The lock first: a second daemon on this profile must not touch anything of ours.
+        self.lock_fd = instance.lock_instance(p.name)
+        check_free(p.ifname)  # an interface we did not create is never adopted
+        self._stop_point()
         state = run_dir() / f"{p.name}.state"
         self.netconf = NetConfig(state)
         for line in self.netconf.recover():
             log.warning("undid what an earlier run left behind: %s", line)
+        self._stop_point()
         offloads = 0
         if offloads_wanted():
             self.tun_fd, self.ifname, offloads = open_tun_offload(p.ifname)
         else:
             self.tun_fd, self.ifname = open_tun(p.ifname)
         self.ifindex = self.netconf.setup_interface(self.ifname, p.addresses, p.mtu)
-        self.netconf.sync_routes(self.ifindex, p.routes)
+        self._stop_point()
+        self.netconf.sync_routes(self.ifindex, p.routes, strict=True)
         if p.forward:
             self.netconf.enable_forwarding(self.ifindex)
-        self._signals()
+        self._stop_point()
 
         peers = PeerTable()
         pktinfo = False
@@ -128,6 +151,7 @@ class Daemon:
                  " ".join(map(str, p.addresses)), p.mtu,
                  f"routes {' '.join(map(str, p.routes))}" if p.routes else "no routes", where)
         log.info("offloads: %s", self.forwarder.describe_offloads())
+        self._stop_point()
         self.notify("READY=1", f"STATUS={self.status()}")
 
     def cleanup(self) -> None:
@@ -148,16 +172,34 @@ class Daemon:
         if self._addresses is not None:
             self._addresses.close()
             self._addresses = None
+        if self.lock_fd >= 0:  # last: the next run may start once everything is back
+            os.close(self.lock_fd)
+            self.lock_fd = -1
 
     # -- signals ----------------------------------------------------------------------------
 
     def _signals(self) -> None:
         # The C-level handler writes each signal number to this pipe, which wakes epoll; the
-        # Python handlers do nothing, the loop reads the numbers and acts between packets.
+        # loop reads the numbers and acts between packets.  The Python handler only notes a
+        # stop for start(), which checks it between steps.  cli.py blocked these signals
+        # before reading the profile; they are unblocked here, so one that came in between
+        # is handled now, not lost.  A SIGHUP while starting waits in the pipe: the loop
+        # reloads once it runs.
         self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(number, lambda *_: None)
+
+        def note(number: int, _frame: object) -> None:
+            if number in STOP_SIGNALS and not self._stop_signal:
+                self._stop_signal = number
+
+        for number in HANDLED_SIGNALS:
+            signal.signal(number, note)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+    def _stop_point(self) -> None:
+        """Between two steps of start(): give up now if SIGTERM/SIGINT came in."""
+        if self._stop_signal:
+            raise _StoppedDuringStart(signal.Signals(self._stop_signal).name)
 
     def _on_signal(self) -> None:
         try:
@@ -195,7 +237,8 @@ class Daemon:
             if (new.addresses, new.mtu) != (old.addresses, old.mtu):
                 self.netconf.setup_interface(self.ifname, new.addresses, new.mtu)
             if new.routes != old.routes:
-                self.netconf.sync_routes(self.ifindex, new.routes)
+                for skipped in self.netconf.sync_routes(self.ifindex, new.routes, strict=False):
+                    log.warning("reload: skipped %s", skipped)
         except Exception as error:  # noqa: BLE001 - a netlink refusal must not kill the tunnel
             log.error("reload: could not apply interface settings: %s", error)
         if new.peers != old.peers:

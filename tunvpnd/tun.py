@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 import struct
 
 TUN_CLONE_DEVICE = "/dev/net/tun"
@@ -15,6 +16,7 @@ TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
 IFF_TUN = 0x0001  # layer-3 device: reads and writes are bare IP packets
 IFF_NO_PI = 0x1000  # no 4-byte packet-information header in front of each packet
 IFF_VNET_HDR = 0x4000  # a struct virtio_net_hdr in front of each packet (offload.VNET_HDR)
+IFF_TUN_EXCL = 0x8000  # fail with EBUSY instead of attaching to an existing device of that name
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int): what we can take from the kernel
 TUNSETVNETHDRSZ = 0x400454D8  # _IOW('T', 216, int)
 TUN_F_CSUM = 0x01  # partial checksums (we finish them)
@@ -36,6 +38,8 @@ def open_tun(name: str = "tun%d") -> tuple[int, str]:
     ``name`` may hold one ``%d`` for the kernel to fill in.  The fd is non-blocking and
     close-on-exec.  The device is not persistent: when the last fd closes, the kernel
     removes it together with its addresses and routes, so a crash leaves nothing behind.
+    It is always a new device: an existing interface of that name (a persistent TUN made
+    with `ip tuntap add`, or anything else) is refused, never adopted (`TunExists`).
     """
     return _open(name, IFF_TUN | IFF_NO_PI)
 
@@ -73,6 +77,26 @@ def _set_offloads(fd: int) -> int:
     return 0
 
 
+class TunExists(OSError):
+    """An interface with the exact name asked for exists already: we did not create it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"interface {name} exists already (not created by this daemon); "
+                         "remove it or choose another interface.name")
+        self.errno = errno.EEXIST
+
+
+def check_free(name: str) -> None:
+    """Raise TunExists if an interface named exactly `name` exists (a %d pattern is free)."""
+    if "%" in name:
+        return
+    try:
+        socket.if_nametoindex(name)
+    except (OSError, ValueError):
+        return
+    raise TunExists(name)
+
+
 def _open(name: str, flags: int) -> tuple[int, str]:
     raw = name.encode()
     if not raw or len(raw) >= IFNAMSIZ or b"/" in raw or b"\0" in raw:
@@ -82,9 +106,13 @@ def _open(name: str, flags: int) -> tuple[int, str]:
     except OSError as e:
         raise OSError(e.errno, f"cannot open {TUN_CLONE_DEVICE} for {name!r}: {e.strerror}") from e
     try:
-        ifr = fcntl.ioctl(fd, TUNSETIFF, struct.pack(_IFREQ, raw, flags))
+        # IFF_TUN_EXCL: attaching to an existing persistent TUN would change its flags and
+        # leave it configured by us after we stop; the kernel refuses atomically instead.
+        ifr = fcntl.ioctl(fd, TUNSETIFF, struct.pack(_IFREQ, raw, flags | IFF_TUN_EXCL))
     except OSError as e:
         os.close(fd)
+        if e.errno == errno.EBUSY:
+            raise TunExists(name) from e
         raise OSError(e.errno, f"cannot create TUN device {name!r}: {e.strerror}") from e
     # The kernel writes the real name back (e.g. "tun%d" -> "tun0").
     real = struct.unpack(_IFREQ, ifr)[0].rstrip(b"\0").decode()
