@@ -589,7 +589,8 @@ class _Checker:
             elif ips.tag == _NULL or (isinstance(ips, SequenceNode) and not ips.value):
                 self.fail(ips, f"{where}.allowed_ips", "must not be empty")
             elif shared:  # one problem, not one per network, however long the list
-                self.fail(ips, f"{where}.allowed_ips", f"the same list as {shared} (a YAML "
+                self.fail(self.keys[f"{where}.allowed_ips"], f"{where}.allowed_ips",
+                          f"the same list as {shared} (a YAML "
                           "alias), so each of its networks would belong to two peers")
                 ips = None
             elif isinstance(ips, SequenceNode):
