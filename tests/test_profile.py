@@ -876,3 +876,8 @@ def test_a_server_route_covering_a_pinned_endpoint_is_refused():
 def test_covering_route(routes, address, expected):
     found = covering_route([ip_network(r) for r in routes], address)
     assert found == (ip_network(expected) if expected else None)
+
+
+def test_a_long_explicit_int_that_is_not_a_number_is_not_an_integer():
+    assert problem(CLIENT + "keepalive: !!int " + "z" * 200 + "\n").startswith(
+        "x.yaml:5: keepalive: must be an integer, got 'zzz")

@@ -141,3 +141,15 @@ def test_sighups_during_a_reload_make_one_more_reload(lab, daemons):
     assert fields.count("RELOADING=1") == 3  # the first, one for the three, the last
     assert fields.count("READY=1") == 3
     assert server.proc.poll() is None
+
+
+def test_sigterm_during_a_reload_stops_at_once_and_cleanly(lab, daemons):
+    server = daemons(lab, "server", server_profile(extra=peers(0)))
+    server.profile.write_text(server_profile(extra=peers(10_000)))  # about 1 s to read
+    mark = len(server.fields())
+    server.signal(signal.SIGHUP)
+    server.wait_for("RELOADING=1", after=mark)
+    server.signal(signal.SIGTERM)
+    assert server.proc.wait(10) == 0  # it used to finish reading and checking first (a minute)
+    assert "stopped;" in server.log()
+    assert not any(server.run_dir.glob("*.state"))

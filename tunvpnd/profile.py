@@ -687,10 +687,10 @@ def _huge_integer(text: str) -> bool:
     base 60 with more than 10 parts), so it is never converted."""
     digits = text.replace("_", "").lstrip("+-")
     if ":" in digits:
-        return digits.count(":") > 10
+        return digits.count(":") > 10 and re.fullmatch(r"[0-9:]+", digits) is not None
     if digits[:2] in ("0x", "0b"):
         digits = digits[2:]
-    return len(digits.lstrip("0")) > 100
+    return len(digits.lstrip("0")) > 100 and re.fullmatch(r"[0-9a-fA-F]+", digits) is not None
 
 
 def _as_ip(host: str) -> IPv4Address | IPv6Address | None:

@@ -214,7 +214,8 @@ class Daemon:
                 if collecting:
                     gc.enable()
             self._reload_outcome = found
-            signal.pthread_kill(loop, signal.SIGHUP)  # wakes the loop, which calls us back
+            if self.forwarder.running:  # not once stopping: a late SIGHUP could kill the exit
+                signal.pthread_kill(loop, signal.SIGHUP)  # wakes the loop, which calls us back
 
         self._reload_job = threading.Thread(target=read, name="reload", daemon=True)
         self._reload_job.start()
