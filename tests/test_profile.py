@@ -693,6 +693,9 @@ def test_problems_are_capped():
     assert found[0] == "x.yaml:5: bad0: unknown key"
     assert found[MAX_PROBLEMS - 1] == "x.yaml:24: bad19: unknown key"
     assert found[-1] == "... and 80 more problems"
+    with pytest.raises(ProfileError) as info:
+        load(CLIENT + "".join(f"bad{i}: 1\n" for i in range(100)))
+    assert info.value.count == 100
 
 
 def test_the_first_problems_by_line_are_kept_whatever_the_order_found():

@@ -91,11 +91,13 @@ class Profile:
 
 
 class ProfileError(Exception):
-    """A profile could not be used; ``problems`` lists every reason found."""
+    """A profile could not be used; ``problems`` lists the reasons found (at most MAX_PROBLEMS,
+    then a line counting the rest), ``count`` how many there are in all."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], count: int | None = None):
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.count = len(problems) if count is None else count
 
 
 def resolve_profile(arg: str, config_dir: str | None = None) -> Path:
@@ -197,7 +199,7 @@ def load_profile(path: str | Path) -> Profile:
     packets = c.boolean(log["packets"], "log.packets") if "packets" in log else False
 
     if c.problems:
-        raise ProfileError(c.report(file))
+        raise ProfileError(c.report(file), len(c.problems) + c.dropped)
     return Profile(Path(path), mode, server, listen, ifname, tuple(addresses), mtu, tuple(routes),
                    forward, peers, keepalive, peer_timeout, level, packets)
 
