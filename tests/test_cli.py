@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import EXAMPLES, REPO, forwarding, server_profile, tun_links, unique
 from tunvpnd.lab import leftover_namespaces
@@ -58,6 +61,67 @@ def test_missing_profile_is_a_config_error(tmp_path):
     assert str(tmp_path / "nosuch.yaml") in result.stderr
 
 
+CLIENT = """\
+mode: client
+server: 10.9.0.11:9090
+interface:
+  name: tun0
+  address: 192.168.53.99/24
+routes:
+  - 192.168.60.0/24
+"""
+
+
+@pytest.mark.parametrize("text, line, message", [
+    (CLIENT + "keepalive: 0x" + "f" * 4000 + "\n", 8, "keepalive: must be from 0 to 3600"),
+    (CLIENT + "log: " + "[" * 5000 + "]" * 5000 + "\n", 8, "(file): nested more than 64"),
+    (CLIENT.replace("routes:\n  - 192.168.60.0/24", "routes: [0.0.0.0/0]"), 6,
+     "routes[0]: 0.0.0.0/0 covers the server 10.9.0.11, so the tunnel would carry its own"
+     " datagrams into itself; full-tunnel support comes in a later release"),
+    (CLIENT.replace("10.9.0.11:9090", "255.255.255.255:9090"), 2,
+     "server: '255.255.255.255:9090': 255.255.255.255 is the broadcast address"),
+    (CLIENT.replace("name: tun0", 'name: "%d"'), 4, "interface.name: '%d' alone would name"),
+])
+def test_check_reports_what_used_to_crash_or_pass(tmp_path, text, line, message):
+    bad = tmp_path / "c.yaml"
+    bad.write_text(text)
+    result = tunvpnd("check", str(bad))
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert result.stderr.startswith(f"{bad}:{line}: {message}")
+    assert "Traceback" not in result.stderr and len(result.stderr) < 500
+
+
+def test_check_refuses_a_fifo_at_once(tmp_path):
+    fifo = tmp_path / "c.yaml"
+    os.mkfifo(fifo)
+    result = subprocess.run([sys.executable, "-m", "tunvpnd", "check", str(fifo)],
+                            capture_output=True, text=True, timeout=20, cwd=REPO)
+    assert result.returncode == EX_CONFIG
+    assert result.stderr == (f"{fifo}:1: (file): is a FIFO, not a profile (only regular files"
+                             " are read)\n")
+
+
+def test_check_of_ten_thousand_peers_and_of_a_shared_list(tmp_path):
+    head = "mode: server\ninterface:\n  address: 192.168.53.1/24\npeers:\n"
+    big = tmp_path / "big.yaml"
+    big.write_text(head + "".join(f"  - name: p{i}\n    allowed_ips: [10.{i >> 8}.{i & 255}.1]\n"
+                                  for i in range(10_000)))
+    started = time.monotonic()
+    result = tunvpnd("check", str(big))
+    assert result.returncode == 0, result.stderr
+    assert "10000 peers" in result.stdout
+    # 300 peers with the same 300 addresses: 89,700 overlaps, 21 lines
+    shared = "[" + ", ".join(f"1.1.{i >> 8}.{i & 255}" for i in range(300)) + "]"
+    many = tmp_path / "many.yaml"
+    many.write_text(head + "".join(f"  - name: p{i}\n    allowed_ips: {shared}\n"
+                                   for i in range(300)))
+    result = tunvpnd("check", str(many))
+    assert time.monotonic() - started < 20  # about 2 s for both; was 72 s and 12 s
+    assert result.returncode == EX_CONFIG
+    lines = result.stderr.splitlines()
+    assert len(lines) == 21 and lines[-1] == "... and 89680 more problems"
+
+
 def test_run_with_bad_profile_exits_78_before_touching_the_network(tmp_path, lab):
     bad = tmp_path / "c.yaml"
     bad.write_text((EXAMPLES / "client.yaml").read_text().replace("mode: client", "mode: clint"))
@@ -89,6 +153,17 @@ def test_lab_demo_end_to_end():
     assert "102400 bytes echoed back identical" in result.stdout
     assert "DEMO OK" in result.stdout
     assert leftover_namespaces(prefix) == []
+
+
+def test_run_with_a_profile_that_used_to_crash_it_exits_78(tmp_path, lab):
+    bad = tmp_path / "c.yaml"
+    bad.write_text(CLIENT + "keepalive: 0x" + "f" * 4000 + "\n")
+    result = lab.run("hostu", [sys.executable, "-m", "tunvpnd", "run", str(bad)],
+                     env={"TUNVPN_RUN_DIR": str(tmp_path / "run")})
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert f"{bad}:8: keepalive: must be from 0 to 3600" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert tun_links(lab, "hostu") == []
 
 
 # -- cleanup (issue 8, item 15) -------------------------------------------------------------

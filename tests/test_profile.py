@@ -1,19 +1,28 @@
 """Unit tests for tunvpnd.profile: the example profiles, defaults, and every error message."""
 
 import dataclasses
+import os
+import random
 import textwrap
+import threading
+import time
 from ipaddress import ip_interface, ip_network
 from pathlib import Path
 
 import pytest
 
+from tunvpnd import profile as profile_module
 from tunvpnd.profile import (
     DEFAULT_CONFIG_DIR,
     DEFAULT_MTU,
     DEFAULT_PORT,
+    MAX_DEPTH,
+    MAX_PROBLEMS,
+    MAX_PROFILE_BYTES,
     PeerConfig,
     Profile,
     ProfileError,
+    covering_route,
     load_profile,
     resolve_profile,
 )
@@ -284,7 +293,8 @@ def test_several_errors_reported_together_in_line_order():
     ("log: verbose", "log: must be a mapping, got 'verbose'"),
     ("routes: 10.0.0.0/8", "routes: must be a list, got '10.0.0.0/8'"),
     ("routes: [[10.0.0.0/8]]", "routes[0]: must be a string, got a list"),
-    ("routes: [10.0.0.0/8, 10.0.0.0/8]", "routes[1]: '10.0.0.0/8' is already listed as routes[0]"),
+    ("routes: [172.16.0.0/12, 172.16.0.0/12]",
+     "routes[1]: '172.16.0.0/12' is already listed as routes[0]"),
     ("routes: [\"fd00::1/64\"]",
      "routes[0]: 'fd00::1/64' has host bits set (did you mean fd00::/64?)"),
     ("mode: client", "mode: duplicate key (first at line 1)"),
@@ -544,3 +554,333 @@ def test_resolved_name_loads(tmp_path):
     (tmp_path / "lab.yaml").write_text(CLIENT)
     p = load_profile(resolve_profile("lab", str(tmp_path)))
     assert (p.name, p.path) == ("lab", tmp_path / "lab.yaml")
+
+
+# --- hostile profiles: nothing but ProfileError, bounded work, short messages -------------
+
+
+@pytest.mark.parametrize("value, shown", [
+    ("0x" + "f" * 4000, "'0xffffffff"),  # str() of the int would pass Python's digit limit
+    ("0b" + "1" * 20000, "'0b11111111"),
+    ("1:" + ":".join(["59"] * 3000), "'1:59:59:59"),  # YAML 1.1 base 60
+    ("9" * 5000, "'9999999999"),  # int() itself refuses it
+    ("-" + "9" * 5000, "'-999999999"),
+])
+def test_huge_integers_are_out_of_range(value, shown):
+    (only,) = problems(CLIENT + f"keepalive: {value}\n")
+    assert only.startswith(f"x.yaml:5: keepalive: must be from 0 to 3600, got {shown}")
+    assert only.endswith(f"... ({len(value)} characters)") and len(only) < 200
+
+
+def test_huge_mtu_is_out_of_range_not_a_non_integer():
+    (only,) = problems(SERVER.replace("interface:", "interface:\n  mtu: " + "9" * 5000))
+    assert only.startswith("x.yaml:3: interface.mtu: must be from 576 to 65535, got '999")
+
+
+def test_long_integers_within_limits_still_convert():
+    assert load(CLIENT + "keepalive: 0x" + "0" * 200 + "1_0\n").keepalive == 16
+    assert load(CLIENT + "keepalive: 1:00:00\n").keepalive == 3600
+
+
+@pytest.mark.parametrize("nesting, line", [
+    ("routes: " + "[" * 5000 + "]" * 5000, 5),
+    ("routes:\n  " + "- " * 5000 + "x", 6),  # block sequences, all on one line
+    ("log: " + "{a: " * 5000 + "b" + "}" * 5000, 5),
+    ("routes: " + "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), 5),
+])
+def test_deep_nesting_is_an_error_not_a_recursion_error(nesting, line):
+    assert problems(CLIENT + nesting + "\n") == [
+        f"x.yaml:{line}: (file): nested more than {MAX_DEPTH} levels deep"]
+
+
+def test_nesting_up_to_the_limit_is_checked_as_usual():
+    deep = "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1)
+    assert problems(CLIENT + f"routes: {deep}\n") == [
+        "x.yaml:5: routes[0]: must be a string, got a list"]
+
+
+def test_the_pure_python_parser_gives_the_same_answers(monkeypatch):
+    """Without libyaml (python3-yaml built without it) messages and limits are the same."""
+    monkeypatch.delattr(profile_module.yaml, "CSafeLoader")
+    assert problems(CLIENT + "routes: " + "[" * 5000 + "]" * 5000 + "\n") == [
+        f"x.yaml:5: (file): nested more than {MAX_DEPTH} levels deep"]
+    assert problems("mode: client\nroutes: [10.0.0.0/8\n")[0].startswith(
+        "x.yaml:3: (file): not valid YAML: while parsing a flow sequence")
+    assert load(CLIENT).server == ("10.9.0.11", 9090)
+
+
+def test_anything_unexpected_is_still_a_profile_error(monkeypatch):
+    def broken(text):
+        raise RuntimeError("x" * 10000)
+
+    monkeypatch.setattr(profile_module, "_parse", broken)
+    with pytest.raises(ProfileError) as info:
+        load(CLIENT)
+    (only,) = info.value.problems
+    assert only.startswith("x.yaml:1: (file): cannot be checked: RuntimeError: 'xxx")
+    assert len(only) < 200
+
+
+def test_fifo_is_refused_without_blocking():
+    os.mkfifo("x.yaml")
+    result: list = []
+
+    def load_it():
+        try:
+            load_profile("x.yaml")
+        except ProfileError as error:
+            result.append(error.problems)
+
+    reader = threading.Thread(target=load_it, daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # blocked in open(): let it go, then fail
+        os.close(os.open("x.yaml", os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(5)
+        pytest.fail("load_profile() blocked on a FIFO")
+    assert result == [["x.yaml:1: (file): is a FIFO, not a profile (only regular files are read)"]]
+
+
+@pytest.mark.parametrize("device", ["/dev/null", "/dev/zero"])
+def test_devices_are_refused_without_reading(device):
+    with pytest.raises(ProfileError) as info:
+        load_profile(device)
+    assert info.value.problems == [
+        f"{device}:1: (file): is a character device, not a profile (only regular files are read)"]
+
+
+def test_size_limit():
+    assert MAX_PROFILE_BYTES == 1024 * 1024
+    padding = "#" * 99 + "\n"
+    body = CLIENT + padding * ((MAX_PROFILE_BYTES - len(CLIENT)) // len(padding))
+    body += "#" * (MAX_PROFILE_BYTES - len(body) - 1) + "\n"
+    assert len(body) == MAX_PROFILE_BYTES
+    assert load(body).server == ("10.9.0.11", 9090)  # exactly the limit is fine
+    assert problems(body + "\n") == [
+        f"x.yaml:1: (file): is {MAX_PROFILE_BYTES + 1} bytes, larger than the limit of "
+        f"{MAX_PROFILE_BYTES} for a profile"]
+
+
+@pytest.mark.parametrize("text, start", [
+    (CLIENT.replace("10.9.0.11:9090", "a" * 900_000),
+     "x.yaml:2: server: 'aaaaaaaa"),
+    (CLIENT + "log: {level: " + "x" * 900_000 + "}",
+     "x.yaml:5: log.level: must be one of debug, info, warning, error, got 'xxxx"),
+    (CLIENT + "routes: ['" + "1" * 900_000 + "']",
+     "x.yaml:5: routes[0]: '1111111"),
+    (CLIENT.replace("interface:", "interface:\n  name: " + "t" * 900_000),
+     "x.yaml:4: interface.name: 'tttttt"),
+    (CLIENT + "peers: '" + "p" * 900_000 + "'",
+     "x.yaml:5: peers: only allowed in server mode"),
+])
+def test_long_values_are_quoted_as_a_short_excerpt(text, start):
+    found = problems(text)
+    assert found[0].startswith(start)
+    assert all(len(line) < 300 for line in found)
+
+
+def test_long_and_unprintable_keys_are_shown_safely():
+    found = problems(CLIENT + "log:\n  " + "k" * 1000 + ": 1\n  \"\\e[31mred\": 2\n")
+    assert found == [
+        f"x.yaml:6: log.{'k' * 92!r}... (1000 characters): unknown key",
+        "x.yaml:7: log.'\\x1b[31mred': unknown key"]
+
+
+def test_problems_are_capped():
+    assert MAX_PROBLEMS == 20
+    found = problems(CLIENT + "".join(f"bad{i}: 1\n" for i in range(100)))
+    assert len(found) == MAX_PROBLEMS + 1
+    assert found[0] == "x.yaml:5: bad0: unknown key"
+    assert found[MAX_PROBLEMS - 1] == "x.yaml:24: bad19: unknown key"
+    assert found[-1] == "... and 80 more problems"
+    with pytest.raises(ProfileError) as info:
+        load(CLIENT + "".join(f"bad{i}: 1\n" for i in range(100)))
+    assert info.value.count == 100
+
+
+def test_the_first_problems_by_line_are_kept_whatever_the_order_found():
+    # overlaps are found after every peer was read, here after 300 bad names further down
+    text = SERVER + "peers:\n  - {name: a, allowed_ips: [10.0.0.0/8]}\n" + \
+        "  - {name: b, allowed_ips: [10.1.0.0/16]}\n" + \
+        "".join(f"  - {{name: 'bad {i}', allowed_ips: [172.16.{i >> 8}.{i & 255}/32]}}\n"
+                for i in range(300))
+    found = problems(text)
+    assert found[0] == "x.yaml:6: peers[1].allowed_ips[0]: 10.1.0.0/16 of peer 'b' overlaps" \
+        " 10.0.0.0/8 of peer 'a'"
+    assert found[1] == "x.yaml:7: peers[2].name: 'bad 0' must be 1 to 32 of A-Za-z0-9_.-"
+    assert found[-1] == f"... and {300 + 1 - MAX_PROBLEMS} more problems"
+
+
+def peers_profile(count: int, allowed=lambda i: f"[10.{i >> 8 & 255}.{i & 255}.1/32]") -> str:
+    return SERVER + "peers:\n" + "".join(
+        f"  - name: p{i}\n    allowed_ips: {allowed(i)}\n" for i in range(count))
+
+
+def test_ten_thousand_peers_are_checked_quickly():
+    started = time.monotonic()
+    p = load(peers_profile(10_000))
+    assert len(p.peers) == 10_000
+    assert time.monotonic() - started < 10  # about 1 s on a busy machine; was 72 s
+
+
+def test_peers_sharing_one_long_list_give_a_bounded_report_quickly():
+    addresses = "[" + ", ".join(f"1.1.{i >> 8}.{i & 255}" for i in range(300)) + "]"
+    started = time.monotonic()
+    found = problems(peers_profile(300, lambda i: addresses))
+    assert time.monotonic() - started < 10  # was 12 s and 89,700 lines
+    assert found[0] == ("x.yaml:8: peers[1].allowed_ips[0]: 1.1.0.0/32 of peer 'p1' overlaps"
+                        " 1.1.0.0/32 of peer 'p0'")
+    assert found[-1] == f"... and {299 * 300 - MAX_PROBLEMS} more problems"
+
+
+def test_an_aliased_list_is_one_problem_per_peer():
+    addresses = "[" + ", ".join(f"1.1.{i >> 8}.{i & 255}" for i in range(1000)) + "]"
+    text = peers_profile(1000, lambda i: f"&list {addresses}" if i == 0 else "*list")
+    started = time.monotonic()
+    found = problems(text)
+    assert time.monotonic() - started < 10  # 1,000 x 1,000 never finished
+    assert found[0] == ("x.yaml:8: peers[1].allowed_ips: the same list as peers[0].allowed_ips"
+                        " (a YAML alias), so each of its networks would belong to two peers")
+    assert found[-1] == f"... and {999 - MAX_PROBLEMS} more problems"
+
+
+def test_overlap_sweep_agrees_with_comparing_every_pair():
+    rng = random.Random(8)
+    for _ in range(100):
+        nets = []
+        for _ in range(rng.randrange(1, 60)):
+            if rng.random() < 0.8:  # inside 10.0.0.0/12, /20 to /32: many overlaps
+                address, prefix = 0x0A000000 | rng.randrange(1 << 12) << 8, rng.randrange(20, 33)
+            else:  # a few IPv6 ones in fd00::/125, which must never clash with IPv4
+                address, prefix = 0xFD00 << 112 | rng.randrange(8), rng.randrange(125, 129)
+            nets.append(ip_network((address, prefix), strict=False))
+        expected = []
+        for i, net in enumerate(nets):
+            earlier = [j for j in range(i) if nets[j].version == net.version
+                       and nets[j].overlaps(net)]
+            if earlier:
+                expected.append((i, min(earlier)))
+        assert profile_module._overlaps(nets) == expected, nets
+
+
+@pytest.mark.parametrize("name, message", [
+    ('"tun\\0"', "'tun\\x00' must not contain control characters"),
+    ('"tun\\x1b"', "'tun\\x1b' must not contain control characters"),
+    ('"tun\\u200b"', "'tun\\u200b' must not contain control characters"),
+    ('"tun\\t0"', "'tun\\t0' must not contain '/', ':' or whitespace"),
+    ('"%d"', "'%d' alone would name the interface '0': put a name before it, like 'tun%d'"),
+])
+def test_interface_names_that_run_would_fail_on(name, message):
+    assert problem(f"mode: server\ninterface:\n  address: 10.0.0.1/8\n  name: {name}\n") == (
+        f"x.yaml:4: interface.name: {message}")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("255.255.255.255", "'255.255.255.255': 255.255.255.255 is the broadcast address"),
+    ("'::ffff:255.255.255.255'",
+     "'::ffff:255.255.255.255': 255.255.255.255 is the broadcast address"),
+    ("0.0.0.0:9090", "'0.0.0.0:9090': 0.0.0.0 is the unspecified address, not one that can be"
+     " reached"),
+    ("'[::]:9090'", "'[::]:9090': :: is the unspecified address, not one that can be reached"),
+    ("224.0.0.1", "'224.0.0.1': 224.0.0.1 is a multicast address"),
+    ("'[ff02::1]:9090'", "'[ff02::1]:9090': ff02::1 is a multicast address"),
+    ("'fe80::1'", "'fe80::1': fe80::1 is link-local: add the interface as a zone, like"
+     " fe80::1%eth0"),
+    ("'fd00::1%eth0'", "'fd00::1%eth0': fd00::1%eth0: only a link-local address takes a %zone"),
+])
+def test_server_addresses_a_socket_cannot_use(value, message):
+    assert problem(CLIENT.replace("10.9.0.11:9090", value)) == f"x.yaml:2: server: {message}"
+
+
+@pytest.mark.parametrize("value", ["'[fe80::1%eth0]:9090'", "'fe80::1%2'", "169.254.1.1"])
+def test_link_local_servers_with_a_zone_are_fine(value):
+    host = load(CLIENT.replace("10.9.0.11:9090", value)).server[0]
+    assert host == value.strip("'").removeprefix("[").split("]")[0]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("255.255.255.255:9090", "255.255.255.255 is the broadcast address"),
+    ("224.0.0.1:9090", "224.0.0.1 is a multicast address"),
+    ("'[fe80::1]:9090'", "fe80::1 is link-local: add the interface as a zone, like"
+     " fe80::1%eth0"),
+])
+def test_listen_addresses_a_socket_cannot_use(value, message):
+    assert problem(SERVER + f"listen: {value}\n") == (
+        f"x.yaml:4: listen: {value.strip(chr(39))!r}: {message}")
+
+
+@pytest.mark.parametrize("value", ["0.0.0.0:9090", "'[::]:9090'", "'[fe80::1%eth0]:9090'"])
+def test_listen_wildcards_are_fine(value):
+    assert load(SERVER + f"listen: {value}\n").listen[1] == 9090
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0.0.0.0", "0.0.0.0 is the unspecified address, not one that can be reached"),
+    ("255.255.255.255:5", "255.255.255.255 is the broadcast address"),
+    ("224.0.0.1", "224.0.0.1 is a multicast address"),
+    ("'fe80::5'", "fe80::5 is link-local: add the interface as a zone, like fe80::5%eth0"),
+])
+def test_endpoints_a_datagram_cannot_come_from(value, message):
+    assert problem(SERVER + f"peers:\n  - {{name: a, allowed_ips: [10.0.0.2/32], endpoint: "
+                   f"{value}}}\n") == (
+        f"x.yaml:5: peers[0].endpoint: {value.strip(chr(39))!r}: {message}")
+
+
+@pytest.mark.parametrize("routes, index, route", [
+    ("[0.0.0.0/0]", 0, "0.0.0.0/0"),
+    ("[192.168.60.0/24, 10.9.0.0/24]", 1, "10.9.0.0/24"),
+    ("[10.9.0.11]", 0, "10.9.0.11/32"),
+])
+def test_a_route_covering_the_server_is_refused(routes, index, route):
+    assert problem(CLIENT + f"routes: {routes}\n") == (
+        f"x.yaml:5: routes[{index}]: {route} covers the server 10.9.0.11, so the tunnel would"
+        " carry its own datagrams into itself; full-tunnel support comes in a later release")
+
+
+def test_a_route_covering_an_ipv6_or_mapped_server_is_refused():
+    text = CLIENT.replace("10.9.0.11:9090", "'[fd09::11]:9090'") + "routes: ['::/0']\n"
+    assert problem(text).startswith("x.yaml:5: routes[0]: ::/0 covers the server fd09::11,")
+    text = CLIENT.replace("10.9.0.11:9090", "'::ffff:10.9.0.11'") + "routes: [10.0.0.0/8]\n"
+    assert problem(text).startswith("x.yaml:5: routes[0]: 10.0.0.0/8 covers the server "
+                                    "::ffff:a09:b,")
+
+
+def test_a_tunnel_network_holding_the_server_is_refused():
+    assert problem(CLIENT.replace("192.168.53.99/24", "10.9.0.99/16")) == (
+        "x.yaml:4: interface.address: 10.9.0.99/16 puts the server 10.9.0.11 inside the tunnel"
+        " network, so the tunnel would carry its own datagrams into itself")
+
+
+def test_routes_not_covering_the_server_and_server_names_are_fine():
+    assert load(CLIENT + "routes: [10.9.1.0/24, 0.0.0.0/5, '::/0']\n").routes[1] == (
+        ip_network("0.0.0.0/5"))
+    named = CLIENT.replace("10.9.0.11:9090", "vpn.example.com") + "routes: [0.0.0.0/0]\n"
+    assert load(named).routes == (ip_network("0.0.0.0/0"),)  # the daemon checks at run time
+
+
+def test_a_server_route_covering_a_pinned_endpoint_is_refused():
+    assert problem(SERVER + "routes: [10.9.0.0/24]\npeers:\n"
+                   "  - {name: a, allowed_ips: [10.9.9.2/32], endpoint: 10.9.0.5:4000}\n") == (
+        "x.yaml:4: routes[0]: 10.9.0.0/24 covers the endpoint of peer 'a' 10.9.0.5, so the "
+        "tunnel would carry its own datagrams into itself; full-tunnel support comes in a "
+        "later release")
+
+
+@pytest.mark.parametrize("routes, address, expected", [
+    ([], "10.9.0.11", None),
+    (["192.168.60.0/24", "0.0.0.0/1"], "10.9.0.11", "0.0.0.0/1"),
+    (["10.9.0.0/24", "0.0.0.0/0"], "10.9.0.11", "10.9.0.0/24"),  # the first that covers it
+    (["10.9.0.0/24"], "10.9.1.11", None),
+    (["::/0"], "10.9.0.11", None),
+    (["0.0.0.0/0"], "fd00::1", None),
+    (["10.9.0.0/24"], "::ffff:10.9.0.11", "10.9.0.0/24"),  # what a dual-stack socket reports
+    (["fe80::/64"], "fe80::1%eth0", "fe80::/64"),
+])
+def test_covering_route(routes, address, expected):
+    found = covering_route([ip_network(r) for r in routes], address)
+    assert found == (ip_network(expected) if expected else None)
+
+
+def test_a_long_explicit_int_that_is_not_a_number_is_not_an_integer():
+    assert problem(CLIENT + "keepalive: !!int " + "z" * 200 + "\n").startswith(
+        "x.yaml:5: keepalive: must be an integer, got 'zzz")
