@@ -73,6 +73,25 @@ def test_name_resolving_to_an_unroutable_address_keeps_running(lab, daemons, soc
     assert client.proc.poll() is None and "Traceback" not in client.log()
 
 
+def test_name_resolving_inside_a_tunnel_route_is_not_connected(lab, daemons, sockdir):
+    """`check` refuses a route covering a literal server; for a name, the daemon refuses the
+    address it resolves to (the datagrams would loop into the TUN), keeps running, retries."""
+    hosts = sockdir / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n10.9.0.11 vpn-server.test\n")
+    wrapper = ["/usr/bin/unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+               f'/bin/mount --bind {hosts} /etc/hosts && exec "$0" "$@"']
+    daemons(lab, "server", server_profile())
+    client = daemons(lab, "hostu", client_to("vpn-server.test").replace(
+        "routes: [192.168.60.0/24]", "routes: [192.168.60.0/24, 10.9.0.0/25]"), wrapper=wrapper)
+    wait_until(lambda: "retrying in 2 s" in client.log(), 15, what="a second attempt")
+    assert ("server vpn-server.test:9090 is at 10.9.0.11, inside 10.9.0.0/25, so the tunnel "
+            "would carry its own datagrams into itself: not connecting; retrying in 1 s"
+            ) in client.log()
+    assert client.proc.poll() is None and "Traceback" not in client.log()
+    assert "resolving vpn-server.test:9090" in client.status()
+    assert ping(lab, "hostu", HOSTV, count=1, check=False).returncode != 0
+
+
 def test_reload_to_an_unreachable_server_keeps_the_tunnel(lab, daemons):
     daemons(lab, "server", server_profile())
     client = daemons(lab, "hostu", client_profile())

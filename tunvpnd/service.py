@@ -26,7 +26,7 @@ from .logs import PacketLog, set_level
 from .loop import Forwarder
 from .netconf import NetConfig
 from .peers import Peer, PeerTable
-from .profile import Profile, ProfileError, load_profile
+from .profile import Profile, ProfileError, covering_route, load_profile
 from .tun import check_free, open_tun, open_tun_offload
 from .wire import PlainWire
 
@@ -447,6 +447,16 @@ class Daemon:
         if self._resolved is None:
             self._retry_later(now, f"cannot resolve server {self._server_text()} "
                                    f"({self._resolve_error})")
+            return
+        # what `check` refuses for a literal server, for the address a name resolved to
+        address = self._resolved[0]
+        p = self.profile
+        inside = covering_route([*p.routes, *(a.network for a in p.addresses)], address)
+        if inside is not None:
+            self._retry_later(now, f"server {self._server_text()} is at "
+                                   f"{transport.format_host(address)}, inside {inside}, so the "
+                                   "tunnel would carry its own datagrams into itself: not "
+                                   "connecting")
             return
         self._connect(now, self._resolved)
 
