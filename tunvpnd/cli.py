@@ -106,7 +106,7 @@ def run_or_check(command: str, name: str, config_dir: str | None) -> int:
         setup_logging()  # under systemd: one journal line per problem, at error priority
         for problem in error.problems:
             _error(problem)
-        _error(f"{len(error.problems)} problem(s) in the profile: not starting")
+        _error(f"{error.count} problem(s) in the profile: not starting")
         return EX_CONFIG
     if command == "check":
         print(summary(profile))
