@@ -33,8 +33,9 @@ IPInterface = IPv4Interface | IPv6Interface
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _TOP_KEYS = ("mode", "server", "listen", "interface", "routes", "forward", "keepalive",
-             "peer_timeout", "peers", "log")
-_MODE_ONLY = {"server": "client", "listen": "server", "peers": "server", "peer_timeout": "server"}
+             "peer_timeout", "peers", "log", "max_learned_peers", "max_addresses_per_endpoint")
+_MODE_ONLY = {"server": "client", "listen": "server", "peers": "server", "peer_timeout": "server",
+              "max_learned_peers": "server", "max_addresses_per_endpoint": "server"}
 _IFACE_KEYS = ("name", "address", "mtu")
 _LOG_KEYS = ("level", "packets")
 _PEER_KEYS = ("name", "allowed_ips", "endpoint")
@@ -67,6 +68,8 @@ class Profile:
     peer_timeout: int
     log_level: str
     log_packets: bool
+    max_learned_peers: int = 1024  # server: learned peers at most (core.MAX_LEARNED_PEERS)
+    max_addresses_per_endpoint: int = 16  # server: learned addresses per endpoint at most
 
     @property
     def name(self) -> str:
@@ -143,6 +146,10 @@ def load_profile(path: str | Path) -> Profile:
             peer_timeout = c.integer(got["peer_timeout"], "peer_timeout", 10, 86400)
         peers = c.peers(got.get("peers"))
 
+    limits = {}  # server only (_MODE_ONLY); absent: the Profile defaults
+    for key, high in (("max_learned_peers", 1000000), ("max_addresses_per_endpoint", 65536)):
+        if key in got:
+            limits[key] = c.integer(got[key], key, 1, high)
     log = c.mapping(got.get("log"), "log", _LOG_KEYS) or {}
     level = c.choice(log["level"], "log.level", LOG_LEVELS) if "level" in log else "info"
     packets = c.boolean(log["packets"], "log.packets") if "packets" in log else False
@@ -151,7 +158,7 @@ def load_profile(path: str | Path) -> Profile:
         c.problems.sort(key=lambda problem: problem[0])  # stable: same-line problems keep order
         raise ProfileError([f"{file}:{line}: {text}" for line, text in c.problems])
     return Profile(Path(path), mode, server, listen, ifname, tuple(addresses), mtu, tuple(routes),
-                   forward, peers, keepalive, peer_timeout, level, packets)
+                   forward, peers, keepalive, peer_timeout, level, packets, **limits)
 
 
 def _compose(file: str) -> tuple[yaml.SafeLoader, MappingNode]:
