@@ -240,7 +240,7 @@ def test_learned_peer_table_is_bounded_and_known_peers_keep_working():
     assert core.inbound(mv(icmp_echo("192.168.53.13", "192.168.60.5")), ("10.9.0.8", 1)) is None
     assert core.inbound(mv(ipv6("fd53::13", "fd60::5")), ("10.9.0.8", 1)) is None
     assert len(core.peers) == 3 and core.counters.drops() == {"table_full": 2}
-    assert core.refused_from == ("10.9.0.8", 1)
+    assert core.refused_from == {"table_full": ("10.9.0.8", 1)}
     assert core.inbound(mv(icmp_echo("192.168.53.10", "192.168.60.5")), HOSTU) is not None
     assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.11")))[1] == HOSTU2
     core.now = 1000.0  # all silent: once expired, there is room again
@@ -254,6 +254,7 @@ def test_one_endpoint_claims_a_bounded_number_of_addresses():
     assert core.inbound(mv(ipv6("fd53::10", "fd60::5")), HOSTU)  # a dual-stack client: fine
     assert core.inbound(mv(icmp_echo("192.168.53.11", "192.168.60.5")), HOSTU) is None
     assert core.counters.drops() == {"endpoint_limit": 1}
+    assert core.refused_from == {"endpoint_limit": HOSTU}
     assert core.inbound(mv(icmp_echo("192.168.53.11", "192.168.60.5")), HOSTU2)  # other endpoint
     assert core.inbound(mv(icmp_echo("192.168.53.10", "192.168.60.5")), HOSTU)  # known: still ok
     assert len(core.peers) == 3

@@ -104,7 +104,7 @@ class Core:
         self.learning = bool(networks)
         self.max_learned = max_peers
         self.max_per_endpoint = max_per_endpoint
-        self.refused_from: tuple | None = None  # the endpoint of the last source refused
+        self.refused_from: dict[str, tuple] = {}  # reason -> endpoint of the last refused
 
     def outbound(self, packet: memoryview) -> tuple[memoryview | bytes, tuple] | None:
         """A packet read from the TUN: (datagram payload, endpoint) or None if dropped."""
@@ -184,11 +184,11 @@ class Core:
         peers = self.peers
         if peers.learned >= self.max_learned:
             counters.table_full += 1
-            self.refused_from = source
+            self.refused_from["table_full"] = source
             return None
         if peers.learned_at(source) >= self.max_per_endpoint:
             counters.endpoint_limit += 1
-            self.refused_from = source
+            self.refused_from["endpoint_limit"] = source
             return None
         network = host_network(version, address)
         peer = Peer(f"learned-{network}", [network], learned=True)

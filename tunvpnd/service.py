@@ -298,9 +298,9 @@ class Daemon:
             if not count:
                 continue
             why = (f"table full, {p.max_learned_peers} learned peers" if reason == "table_full"
-                   else f"{p.max_addresses_per_endpoint} addresses per endpoint")
+                   else f"endpoint limit, {p.max_addresses_per_endpoint} addresses per endpoint")
             log.warning("refused %d new sources (%s); the last from %s", count, why,
-                        transport.format_endpoint(self.core.refused_from))
+                        transport.format_endpoint(self.core.refused_from.get(reason)))
 
     def _client_tick(self, now: float) -> None:
         if self._resolving is not None and not self._resolving.is_alive():
