@@ -5,17 +5,25 @@ through another client's pings.
 
 from __future__ import annotations
 
+import logging
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
+from ipaddress import IPv4Network
 
 import pytest
 
 from tests.conftest import client_profile, in_ns, ip_json, ping
+from tunvpnd.core import Core
 from tunvpnd.lab import wait_until
-from tunvpnd.profile import ProfileError, load_profile
+from tunvpnd.peers import PeerTable
+from tunvpnd.profile import PeerConfig, ProfileError, load_profile
+from tunvpnd.service import Daemon
+from tunvpnd.wire import PlainWire
 
 HOSTV = "192.168.60.5"
 FLOOD = 20_000
@@ -194,3 +202,26 @@ def test_profile_limits_errors(tmp_path, text, problem):
     with pytest.raises(ProfileError) as error:
         load_profile(path)
     assert any(p.startswith(f"{path}:{problem}") for p in error.value.problems), error.value
+
+
+# -- reload with thousands of configured peers ------------------------------------------------
+
+def test_reload_with_4000_peers_is_quick_and_logs_one_short_line(tmp_path, caplog):
+    """Swapping in 4,000 configured peers takes milliseconds (the loop waits for it) and logs
+    a line of ten names and a count, not 4,000 names."""
+    base = load_profile(write(tmp_path, "mode: server\ninterface: {address: 10.0.0.1/16}\n"))
+    configs = tuple(PeerConfig(f"p{i}", (IPv4Network((0x0A010000 + (i << 4), 28)),),
+                               (f"10.9.{i >> 8}.{i & 255}", 9000 if i % 2 else None))
+                    for i in range(4000))
+    daemon = Daemon(base)
+    daemon.core = Core(PeerTable(), PlainWire())
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        daemon.sock = sock
+        caplog.set_level(logging.INFO, logger="tunvpnd")
+        started = time.perf_counter()
+        daemon._replace_peers(replace(base, peers=configs))
+        took = time.perf_counter() - started
+    assert len(daemon.core.peers) == 4000 and took < 1.0, f"{took:.2f} s"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("peers:")]
+    assert lines == ["peers: p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 and 3990 more"]
+    assert daemon.core.peers.lookup(4, 0x0A010011).endpoint == ("::ffff:10.9.0.1", 9000, 0, 0)
