@@ -102,7 +102,7 @@ def test_flood_of_new_sources_stays_bounded_and_the_tunnel_keeps_working(lab, da
     rss_before = rss_kib(server.pid)
     lines_before = len(server.log().splitlines())
 
-    pinger = lab.spawn("hostu", ["ping", "-n", "-c", "900", "-i", "0.05", "-W", "1", HOSTV],
+    pinger = lab.spawn("hostu", ["ping", "-q", "-n", "-c", "900", "-i", "0.05", "-W", "1", HOSTV],
                        stdout=subprocess.PIPE, text=True)
     try:
         started = time.monotonic()
@@ -115,7 +115,7 @@ def test_flood_of_new_sources_stays_bounded_and_the_tunnel_keeps_working(lab, da
         rss_full = rss_kib(server.pid)
         ping(lab, "hostu", HOSTV, count=3)  # the table is full: the known client still works
         # The flood's peers fall silent: all expire after peer_timeout; the client stays.
-        expired = server.wait_status(lambda s: peers_in(s) == 1, timeout=40)
+        server.wait_status(lambda s: peers_in(s) == 1, timeout=40)
         ping(lab, "hostu", HOSTV, count=3)
     finally:
         pinger.send_signal(signal.SIGINT)
@@ -124,9 +124,8 @@ def test_flood_of_new_sources_stays_bounded_and_the_tunnel_keeps_working(lab, da
     counted = drops(full)
     assert counted.get("table_full", 0) > 0 and counted.get("bad_source", 0) > 0, full
     assert counted.get("endpoint_limit", 0) > 0, full
-    assert "dropped" in expired
     growth_mib = (rss_full - rss_before) / 1024
-    assert growth_mib < 16, f"RSS grew by {growth_mib:.1f} MiB with 1024 peers"
+    assert growth_mib < 8, f"RSS grew by {growth_mib:.1f} MiB with 1024 peers"
 
     log = server.log().splitlines()[lines_before:]
     assert len(log) <= 40, "\n".join(log[:60])
@@ -142,7 +141,6 @@ def test_flood_of_new_sources_stays_bounded_and_the_tunnel_keeps_working(lab, da
     print(f"\nflood {FLOOD} datagrams in {flood_seconds:.2f} s; {full}; RSS {rss_before} -> "
           f"{rss_full} KiB; {len(log)} log lines; pings {received}/{sent} ({loss:.1%} loss), "
           f"max RTT {worst} ms")
-    print("\n".join(log))
     assert sent >= 50 and loss <= 0.02, pings
     assert worst < 500, pings
 
