@@ -31,6 +31,7 @@ interface:
   address: {SERVER_TUN}/16
 forward: true
 peer_timeout: 3600          # learned peers must outlive the measurement
+max_learned_peers: 65536    # room for --peers beyond the default 1024 (the /16 holds them)
 log:
   level: info
 """

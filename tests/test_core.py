@@ -1,6 +1,6 @@
 """The packet core on crafted bytes: no sockets, no TUN, no root."""
 
-from ipaddress import ip_interface, ip_network
+from ipaddress import ip_address, ip_interface, ip_network
 
 import pytest
 
@@ -381,3 +381,73 @@ def test_client_answers_a_challenge_for_its_address_only():
     assert core.reply is None
     assert core.inbound(mv(announce("192.168.53.1")), srv) is None  # harmless from a server
     assert core.counters.rx_packets == 0
+
+
+# -- learning limits (issue 8, item 2) --------------------------------------------------------
+
+def learning(max_peers=1024, max_per_endpoint=16, learn=("192.168.53.0/24", "fd53::/64"),
+             own=("192.168.53.1", "fd53::1")) -> Core:
+    core = server(learn=learn)
+    core.set_learning([ip_network(n) for n in learn], own=[ip_address(a) for a in own],
+                      max_peers=max_peers, max_per_endpoint=max_per_endpoint)
+    return core
+
+
+def test_learned_peer_table_is_bounded_and_known_peers_keep_working():
+    core = learning(max_peers=3)
+    for n, endpoint in zip((10, 11, 12), (HOSTU, HOSTU2, ("10.9.0.7", 1)), strict=True):
+        assert core.inbound(mv(icmp_echo(f"192.168.53.{n}", "192.168.60.5")), endpoint)
+    assert core.inbound(mv(icmp_echo("192.168.53.13", "192.168.60.5")), ("10.9.0.8", 1)) is None
+    assert core.inbound(mv(ipv6("fd53::13", "fd60::5")), ("10.9.0.8", 1)) is None
+    assert len(core.peers) == 3 and core.counters.drops() == {"table_full": 2}
+    assert core.refused_from == {"table_full": ("10.9.0.8", 1)}
+    assert core.inbound(mv(icmp_echo("192.168.53.10", "192.168.60.5")), HOSTU) is not None
+    assert core.outbound(mv(icmp_echo("192.168.60.5", "192.168.53.11")))[1] == HOSTU2
+    core.now = 1000.0  # all silent: once expired, there is room again
+    assert len(core.peers.expire(older_than=900.0)) == 3
+    assert core.inbound(mv(icmp_echo("192.168.53.13", "192.168.60.5")), ("10.9.0.8", 1))
+
+
+def test_one_endpoint_claims_a_bounded_number_of_addresses():
+    core = learning(max_per_endpoint=2)
+    assert core.inbound(mv(icmp_echo("192.168.53.10", "192.168.60.5")), HOSTU)
+    assert core.inbound(mv(ipv6("fd53::10", "fd60::5")), HOSTU)  # a dual-stack client: fine
+    assert core.inbound(mv(icmp_echo("192.168.53.11", "192.168.60.5")), HOSTU) is None
+    assert core.counters.drops() == {"endpoint_limit": 1}
+    assert core.refused_from == {"endpoint_limit": HOSTU}
+    assert core.inbound(mv(icmp_echo("192.168.53.11", "192.168.60.5")), HOSTU2)  # other endpoint
+    assert core.inbound(mv(icmp_echo("192.168.53.10", "192.168.60.5")), HOSTU)  # known: still ok
+    assert len(core.peers) == 3
+
+
+@pytest.mark.parametrize("source", [
+    "192.168.53.0", "192.168.53.255",    # the subnet's network and broadcast addresses
+    "192.168.53.1", "fd53::1",           # the server's own
+    "fd53::",                            # the Subnet-Router anycast address (the server's)
+    "10.0.0.0", "10.255.255.255",        # a routed subnet's network and broadcast
+    "0.0.0.0", "127.0.0.1", "224.0.0.1", "239.255.255.250", "255.255.255.255",
+    "::", "::1", "ff02::1", "ff05::2", "fe80::1",
+])
+def test_never_learns_what_is_never_a_client(source):
+    core = learning(learn=("192.168.53.0/24", "fd53::/64", "10.0.0.0/8", "0.0.0.0/0", "::/0"))
+    packet = ipv6(source, "fd53::1") if ":" in source else ipv4(source, "192.168.53.1")
+    assert core.inbound(mv(packet), HOSTU) is None
+    assert core.counters.drops() == {"bad_source": 1} and len(core.peers) == 0
+
+
+def test_both_addresses_of_a_point_to_point_subnet_are_hosts():
+    core = learning(learn=("192.168.53.8/31", "192.168.53.12/30"), own=())
+    assert core.inbound(mv(icmp_echo("192.168.53.8", "192.168.60.5")), HOSTU)
+    assert core.inbound(mv(icmp_echo("192.168.53.9", "192.168.60.5")), HOSTU2)
+    assert core.inbound(mv(icmp_echo("192.168.53.12", "192.168.60.5")), HOSTU2) is None
+    assert core.inbound(mv(icmp_echo("192.168.53.13", "192.168.60.5")), HOSTU2)
+    assert core.counters.drops() == {"bad_source": 1}
+
+
+def test_refused_sources_are_dropped_before_anything_is_allocated():
+    core = learning(max_peers=1)
+    core.inbound(mv(icmp_echo("192.168.53.10", "192.168.60.5")), HOSTU)
+    for n in range(2, 200):
+        core.inbound(mv(ipv6(f"fd53::{n:x}", "fd53::1")), ("10.9.0.9", 1000 + n))
+    assert len(core.peers) == 1 and core.counters.table_full == 198
+    assert core.peers.by_endpoint.keys() == {HOSTU} and core.peers._per_endpoint == {HOSTU: 1}

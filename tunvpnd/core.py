@@ -8,22 +8,33 @@ is counted by reason. The loop does the system calls; this module is unit-tested
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from ipaddress import IPv4Interface, IPv6Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_network
 
 from . import packet as ip
 from .packet import HEADER_ONLY
-from .peers import IPNetwork, Peer, PeerTable, host_network
+from .peers import IPNetwork, Peer, PeerTable, PrefixMap, host_network
 from .wire import Wire
 
 # A datagram claiming an address that another endpoint holds is dropped, and that endpoint is
 # CHALLENGEd: if it stays silent this long, the address moves to the claimant (NAT rebinding).
 CHALLENGE_WAIT = 2.0
 CLAIMS_PER_TICK = 1000  # claims settled per resolve_claims() call: bounded work per wake-up
+MAX_LEARNED_PEERS = 1024        # profile max_learned_peers
+MAX_ADDRESSES_PER_ENDPOINT = 16  # profile max_addresses_per_endpoint
+# Sources that are never a host's: unspecified, loopback, multicast, limited broadcast, and
+# IPv6 link-local (valid on one link only: every client's TUN is a link of its own, so two
+# clients may well use the same one, and a router must not forward it).
+NEVER_HOSTS = tuple(ip_network(n) for n in (
+    "0.0.0.0/32", "127.0.0.0/8", "224.0.0.0/4", "255.255.255.255/32",
+    "::/128", "::1/128", "ff00::/8", "fe80::/10"))
 
 DROP_REASONS = (
     "malformed",       # from outside: not exactly one IPv4/IPv6 packet, or a control packet
                        # that is not for us (a CHALLENGE for an address we do not have)
     "unknown_source",  # inner source belongs to no peer (and may not be learned)
+    "bad_source",      # inner source that is never a client's: ours, network, broadcast, ...
+    "table_full",      # a new source to learn, but max_learned_peers are learned already
+    "endpoint_limit",  # a new source from an endpoint holding max_addresses_per_endpoint already
     "bad_endpoint",    # a peer's datagram from an address other than its pinned endpoint
     "address_held",    # inner source held by another endpoint: dropped, the holder challenged
     "no_peer",         # from the TUN: no peer's allowed IPs hold the destination
@@ -89,12 +100,35 @@ class Core:
         self._announcements = {
             (a.version, int(a.ip)): ip.announce(a.version, int(a.ip)) for a in addresses}
 
-    def set_learning(self, networks: Iterable[IPNetwork]) -> None:
-        """Learn peers from datagrams whose inner source lies in `networks` (empty: never)."""
-        self._learnable = PeerTable()
+    def set_learning(
+        self,
+        networks: Iterable[IPNetwork],
+        own: Iterable[IPv4Address | IPv6Address] = (),
+        max_peers: int = MAX_LEARNED_PEERS,
+        max_per_endpoint: int = MAX_ADDRESSES_PER_ENDPOINT,
+    ) -> None:
+        """Learn peers from datagrams whose inner source lies in `networks` (empty: never), at
+        most `max_peers` of them and `max_per_endpoint` per endpoint, never the addresses in
+        `own` (the server's), a subnet's network or broadcast address, nor NEVER_HOSTS."""
+        networks = list(networks)
+        self._learnable = PrefixMap()
+        self._never = PrefixMap()
         for network in networks:
-            self._learnable.add(Peer("learnable", [network]))
-        self.learning = len(self._learnable) > 0
+            self._learnable.map(network, True)
+            if network.version == 4 and network.prefixlen < 31:
+                self._never.map(host_network(4, int(network.network_address)), True)
+                self._never.map(host_network(4, int(network.broadcast_address)), True)
+            elif network.version == 6 and network.prefixlen < 127:
+                # the Subnet-Router anycast address: the server's own once it routes the subnet
+                self._never.map(host_network(6, int(network.network_address)), True)
+        for network in NEVER_HOSTS:
+            self._never.map(network, True)
+        for address in own:
+            self._never.map(host_network(address.version, int(address)), True)
+        self.learning = bool(networks)
+        self.max_learned = max_peers
+        self.max_per_endpoint = max_per_endpoint
+        self.refused_from: dict[str, tuple] = {}  # reason -> endpoint of the last refused
 
     def outbound(self, packet: memoryview) -> tuple[memoryview | bytes, tuple] | None:
         """A packet read from the TUN: (datagram payload, endpoint) or None if dropped."""
@@ -158,12 +192,7 @@ class Core:
         """The peer a datagram with this inner source comes from, learning or following it."""
         peer = self.peers.lookup(version, address)
         if peer is None:
-            if not self.learning or self._learnable.lookup(version, address) is None:
-                self.counters.unknown_source += 1
-                return None
-            peer = Peer(f"learned-{host_network(version, address)}",
-                        [host_network(version, address)], learned=True)
-            self.peers.add(peer)
+            return self._learn(version, address, source)
         if peer.endpoint != source:
             if not peer.accepts_endpoint(source):
                 self.counters.bad_endpoint += 1
@@ -240,6 +269,31 @@ class Core:
             self.reply = (self.wire.seal(memoryview(announcement), peer), source, None)
             return True
         return False
+    def _learn(self, version: int, address: int, source: tuple) -> Peer | None:
+        """A new learned peer for inner source `address` at `source`, or None (the drop counted)
+        when it may not be learned. Slow path: once per new client address."""
+        counters = self.counters
+        if not self.learning or self._learnable.lookup(version, address) is None:
+            counters.unknown_source += 1
+            return None
+        if self._never.lookup(version, address) is not None:
+            counters.bad_source += 1
+            return None
+        peers = self.peers
+        if peers.learned >= self.max_learned:
+            counters.table_full += 1
+            self.refused_from["table_full"] = source
+            return None
+        if peers.learned_at(source) >= self.max_per_endpoint:
+            counters.endpoint_limit += 1
+            self.refused_from["endpoint_limit"] = source
+            return None
+        network = host_network(version, address)
+        peer = Peer(f"learned-{network}", [network], learned=True)
+        peer.last_rx = self.now
+        peers.add(peer)
+        peers.move(peer, source)
+        return peer
 
     def _keepalive(self, peer: Peer | None, source: tuple) -> None:
         peer = peer or self.peers.by_endpoint.get(source)

@@ -46,8 +46,9 @@ BITS = {4: 32, 6: 128}
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _TOP_KEYS = ("mode", "server", "listen", "interface", "routes", "forward", "keepalive",
-             "peer_timeout", "peers", "log")
-_MODE_ONLY = {"server": "client", "listen": "server", "peers": "server", "peer_timeout": "server"}
+             "peer_timeout", "peers", "log", "max_learned_peers", "max_addresses_per_endpoint")
+_MODE_ONLY = {"server": "client", "listen": "server", "peers": "server", "peer_timeout": "server",
+              "max_learned_peers": "server", "max_addresses_per_endpoint": "server"}
 _IFACE_KEYS = ("name", "address", "mtu")
 _LOG_KEYS = ("level", "packets")
 _PEER_KEYS = ("name", "allowed_ips", "endpoint")
@@ -83,6 +84,8 @@ class Profile:
     peer_timeout: int
     log_level: str
     log_packets: bool
+    max_learned_peers: int = 1024  # server: learned peers at most (core.MAX_LEARNED_PEERS)
+    max_addresses_per_endpoint: int = 16  # server: learned addresses per endpoint at most
 
     @property
     def name(self) -> str:
@@ -194,6 +197,10 @@ def load_profile(path: str | Path) -> Profile:
         for peer in peers:
             c.loops(peer.endpoint, f"the endpoint of peer {peer.name!r}")
 
+    limits = {}  # server only (_MODE_ONLY); absent: the Profile defaults
+    for key, high in (("max_learned_peers", 1000000), ("max_addresses_per_endpoint", 65536)):
+        if key in got:
+            limits[key] = c.integer(got[key], key, 1, high)
     log = c.mapping(got.get("log"), "log", _LOG_KEYS) or {}
     level = c.choice(log["level"], "log.level", LOG_LEVELS) if "level" in log else "info"
     packets = c.boolean(log["packets"], "log.packets") if "packets" in log else False
@@ -201,7 +208,7 @@ def load_profile(path: str | Path) -> Profile:
     if c.problems:
         raise ProfileError(c.report(file), len(c.problems) + c.dropped)
     return Profile(Path(path), mode, server, listen, ifname, tuple(addresses), mtu, tuple(routes),
-                   forward, peers, keepalive, peer_timeout, level, packets)
+                   forward, peers, keepalive, peer_timeout, level, packets, **limits)
 
 
 def _compose(file: str) -> tuple[yaml.SafeLoader, MappingNode]:

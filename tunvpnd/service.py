@@ -7,6 +7,7 @@ forwarding is on and the socket is bound, so units ordered after us find a worki
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from .loop import Forwarder
 from .netconf import NetConfig
 from .peers import Peer, PeerTable
 from .profile import Profile, ProfileError, covering_route, load_profile
+from .ratelog import RateLimit
 from .tun import check_free, open_tun, open_tun_offload
 from .wire import PlainWire
 
@@ -34,6 +36,7 @@ log = logging.getLogger("tunvpnd")
 
 TICK = 1.0            # seconds between timer checks (keepalives, expiry, watchdog at most this)
 STATUS_INTERVAL = 5.0
+PEERS_LISTED = 10     # peer names a reload logs; the rest are counted
 EVERYWHERE = (ip_network("0.0.0.0/0"), ip_network("::/0"))
 
 
@@ -75,6 +78,9 @@ class Daemon:
         self._connected_at = 0.0
         self._next_status = self._next_watchdog = 0.0
         self._watchdog = watchdog_interval()
+        self._expired_log = RateLimit()  # server: lines about expired peers
+        self._refused_log: dict[str, RateLimit] = {}  # drop reason -> lines about new sources
+        self._refused_seen: dict[str, int] = {}  # drop reason -> its counter when last looked
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -322,15 +328,21 @@ class Daemon:
                 if peer.learned:
                     table.add(peer)
         self.core.peers = table
-        log.info("peers: %s", ", ".join(p.name for p in table.peers) or "none yet (learning)")
+        names = [p.name for p in itertools.islice(table.peers, PEERS_LISTED)]
+        more = len(table) - len(names)
+        log.info("peers: %s%s", ", ".join(names) or "none yet (learning)",
+                 f" and {more} more" if more > 0 else "")
 
     def _configured_peers(self, profile: Profile) -> list[Peer]:
         family = self.sock.family
         peers = []
         for config in profile.peers:
             peer = Peer(config.name, config.allowed_ips, pinned=config.endpoint)
-            if config.endpoint and config.endpoint[1]:
-                peer.endpoint = transport.sockaddr(family, *config.endpoint)
+            peer.endpoint = peer.pinned_sockaddr(family)  # None without a pinned port
+            if peer.pinned_scope == -1:
+                log.warning("peer %s: no interface %r for the zone of its endpoint %s: "
+                            "nothing will match it", config.name,
+                            config.endpoint[0].partition("%")[2], config.endpoint[0])
             peers.append(peer)
         return peers
 
@@ -341,9 +353,12 @@ class Daemon:
     def _apply_learning(self, profile: Profile) -> None:
         # Without a peers list, a server learns clients (the lab's behaviour), but only for inner
         # sources that belong behind the tunnel: its own subnets and the routes it sends into it.
+        # Never learned: the server's own addresses, network and broadcast addresses, ... (core).
         learnable = [a.network for a in profile.addresses] + list(profile.routes)
         self.core.set_learning(learnable if profile.mode == "server" and not profile.peers
-                               else ())
+                               else (), own=[a.ip for a in profile.addresses],
+                               max_peers=profile.max_learned_peers,
+                               max_per_endpoint=profile.max_addresses_per_endpoint)
 
     def _apply_addresses(self, profile: Profile) -> None:
         # A client's keepalives announce its tunnel addresses, and it answers challenges for them
@@ -360,9 +375,8 @@ class Daemon:
         if p.mode == "client":
             self._client_tick(now)
         else:
-            for peer in self.core.peers.expire(now - p.peer_timeout):
-                log.info("peer %s at %s expired after %d s of silence", peer.name,
-                         transport.format_endpoint(peer.endpoint), p.peer_timeout)
+            self._expire_peers(now)
+            self._report_refusals(now)
             self._settle_claims()
         if p.keepalive:
             for keepalive in self.core.keepalives_due(p.keepalive):
@@ -386,6 +400,32 @@ class Daemon:
         if len(settled) > most:
             log.info("and %d more claims settled (%d moved)", len(settled) - most,
                      sum(moved for _, _, moved in settled[most:]))
+    def _expire_peers(self, now: float) -> None:
+        """Forget silent learned peers, a bounded number per tick; log a few, count the rest."""
+        timeout = self.profile.peer_timeout
+        gone = self.core.peers.expire(now - timeout)
+        for peer in gone[:self._expired_log.take(now, len(gone))]:
+            log.info("peer %s at %s expired after %d s of silence", peer.name,
+                     transport.format_endpoint(peer.endpoint), timeout)
+        more = self._expired_log.summary(now)
+        if more:
+            log.info("expired %d more learned peers (silent for %d s)", more, timeout)
+
+    def _report_refusals(self, now: float) -> None:
+        """One line now and then about new sources refused by the learning limits."""
+        counters, p = self.core.counters, self.profile
+        for reason in ("table_full", "endpoint_limit"):
+            total = getattr(counters, reason)
+            limit = self._refused_log.setdefault(reason, RateLimit())
+            limit.add(total - self._refused_seen.get(reason, 0))
+            self._refused_seen[reason] = total
+            count = limit.summary(now)
+            if not count:
+                continue
+            why = (f"table full, {p.max_learned_peers} learned peers" if reason == "table_full"
+                   else f"endpoint limit, {p.max_addresses_per_endpoint} addresses per endpoint")
+            log.warning("refused %d new sources (%s); the last from %s", count, why,
+                        transport.format_endpoint(self.core.refused_from.get(reason)))
 
     def _client_tick(self, now: float) -> None:
         if self._resolving is not None and not self._resolving.is_alive():
