@@ -16,7 +16,7 @@ from ipaddress import ip_network
 
 import pytest
 
-from tests.conftest import client_profile, in_ns, ping, server_profile
+from tests.conftest import REPO, client_profile, in_ns, ping, server_profile
 from tests.ipcraft import icmp_echo
 from tunvpnd import loop, transport
 from tunvpnd.core import Core
@@ -90,6 +90,44 @@ def test_name_resolving_inside_a_tunnel_route_is_not_connected(lab, daemons, soc
     assert client.proc.poll() is None and "Traceback" not in client.log()
     assert "resolving vpn-server.test:9090" in client.status()
     assert ping(lab, "hostu", HOSTV, count=1, check=False).returncode != 0
+
+
+SPOOFER = """
+import socket, sys, time
+from tests.ipcraft import icmp_echo
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("10.9.0.11", 7777))
+sock.sendto(icmp_echo("192.168.60.5", "192.168.53.99"), ("10.9.0.5", int(sys.argv[1])))
+sock.settimeout(0.2)
+got, deadline = 0, time.monotonic() + 4
+while time.monotonic() < deadline:
+    try:
+        sock.recv(2048)
+        got += 1
+    except TimeoutError:
+        pass
+print(got, flush=True)
+"""
+
+
+def test_a_client_not_yet_connected_takes_no_server_from_a_datagram(lab, daemons):
+    """While the server cannot be reached, the client's socket is not connected and anyone may
+    send to it: a datagram from a host that guessed its port must not become the server."""
+    client = daemons(lab, "hostu", client_to(NOWHERE))
+    port = int(client.log().split("socket 0.0.0.0:")[1].split()[0])
+    spoofer = lab.spawn("server", [sys.executable, "-c", SPOOFER, str(port)],
+                        stdout=subprocess.PIPE, text=True, cwd=str(REPO))
+    try:
+        client.wait_status(lambda s: "bad_endpoint 1" in s)
+        ping(lab, "hostu", HOSTV, count=3, check=False)
+        out, _ = spoofer.communicate(timeout=15)
+    finally:
+        if spoofer.poll() is None:
+            spoofer.kill()
+            spoofer.wait()
+    assert out.strip() == "0"  # nothing of HostU's traffic went to it
+    assert client.status().startswith(f"resolving {NOWHERE}:9090")
+    assert "rx 0 pkts" in client.status()  # and its datagram never reached the TUN
 
 
 def test_reload_to_an_unreachable_server_keeps_the_tunnel(lab, daemons):

@@ -29,7 +29,7 @@ class Peer:
     __slots__ = (
         "name", "allowed_ips", "pinned_host", "pinned_port", "pinned_scope", "endpoint",
         "learned", "last_rx", "last_tx", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
-        "local",
+        "local", "roams",
     )
 
     def __init__(
@@ -39,7 +39,10 @@ class Peer:
         endpoint: tuple | None = None,
         pinned: tuple[str, int | None] | None = None,
         learned: bool = False,
+        roams: bool = True,
     ) -> None:
+        """`roams=False`: the endpoint is only ever set by the daemon (a client's server),
+        never taken from a datagram."""
         self.name = name
         self.allowed_ips = tuple(allowed_ips)
         self.pinned_host = normalize_host(pinned[0]) if pinned else None
@@ -52,8 +55,11 @@ class Peer:
         self.last_rx = self.last_tx = 0.0
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
         self.local = None  # our address its datagrams arrive at, for replies (core.received_at)
+        self.roams = roams
 
     def accepts_endpoint(self, source: tuple) -> bool:
+        if not self.roams:
+            return False
         if self.pinned_host is None:
             return True
         if self.pinned_port is not None and source[1] != self.pinned_port:

@@ -138,7 +138,9 @@ class Daemon:
         if p.mode == "client":
             family = transport.client_family(p.server[0])
             self.sock = transport.open_udp("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
-            self.server_peer = Peer("server", EVERYWHERE)
+            # Only where we connect to: until then the socket takes datagrams from anyone, and
+            # the first to guess its port must not become our server.
+            self.server_peer = Peer("server", EVERYWHERE, roams=False)
             peers.add(self.server_peer)
             self._watch_addresses()
         else:
