@@ -21,6 +21,7 @@ import pytest
 from pyroute2 import IPRoute, netns
 
 from tests.conftest import REPO, client_profile, in_ns, server_profile
+from tests.fakesock import FakeSocket
 from tests.ipcraft import checksum, icmp_echo, ipv4, ipv6
 from tests.test_netconf import in_ns as in_netns
 from tunvpnd import loop, tun
@@ -554,22 +555,13 @@ def test_a_refused_super_packet_is_written_packet_by_packet(monkeypatch, caplog)
     assert "the TUN refused a TCP super-packet" in caplog.text
 
 
-class RefusingSocket:
+class RefusingSocket(FakeSocket):
     """A connected UDP socket whose sendmsg() says EINVAL, as over a path MTU below the
     segment size."""
 
     def __init__(self, devnull) -> None:
-        self.devnull = devnull
+        super().__init__(devnull)
         self.sent: list[bytes] = []
-
-    def fileno(self) -> int:
-        return self.devnull.fileno()
-
-    def getsockopt(self, *args) -> int:
-        return 0
-
-    def setsockopt(self, *args) -> None:
-        pass
 
     def sendmsg(self, buffers, control, *args) -> int:
         raise OSError(errno.EINVAL, "Invalid argument")
@@ -595,23 +587,12 @@ def test_refused_gso_sends_one_by_one(caplog):
     assert "UDP GSO refused (Invalid argument)" in caplog.text
 
 
-class RecordingSocket:
+class RecordingSocket(FakeSocket):
     """An unconnected server socket with pktinfo on: records what each send carried."""
 
-    family = socket.AF_INET
-
     def __init__(self, devnull) -> None:
-        self.devnull = devnull
+        super().__init__(devnull)
         self.sent: list[tuple[bytes, list, tuple]] = []  # (data, control, address)
-
-    def fileno(self) -> int:
-        return self.devnull.fileno()
-
-    def getsockopt(self, *args) -> int:
-        return 0
-
-    def setsockopt(self, *args) -> None:
-        pass
 
     def sendmsg(self, buffers, control, flags, address) -> int:
         self.sent.append((b"".join(bytes(b) for b in buffers), list(control), address))

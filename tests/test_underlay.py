@@ -17,6 +17,7 @@ from ipaddress import ip_network
 import pytest
 
 from tests.conftest import REPO, client_profile, in_ns, ping, server_profile
+from tests.fakesock import FakeSocket
 from tests.ipcraft import icmp_echo
 from tunvpnd import loop, transport
 from tunvpnd.core import Core
@@ -273,22 +274,12 @@ def test_listen_errors_name_the_address(lab, daemons):
 
 # -- unit tests ----------------------------------------------------------------------------------
 
-class FailingSocket:
+class FailingSocket(FakeSocket):
     """A connected UDP socket whose sends fail with `error` (sendmsg with GSO: `gso_error`)."""
 
-    family = socket.AF_INET
-
     def __init__(self, devnull, error: int, gso_error: int | None = None) -> None:
-        self.devnull, self.error, self.gso_error = devnull, error, gso_error or error
-
-    def fileno(self) -> int:
-        return self.devnull.fileno()
-
-    def getsockopt(self, *args) -> int:
-        return 0
-
-    def setsockopt(self, *args) -> None:
-        pass
+        super().__init__(devnull)
+        self.error, self.gso_error = error, gso_error or error
 
     def sendmsg(self, buffers, control, *args) -> int:
         raise OSError(self.gso_error, os.strerror(self.gso_error))
