@@ -33,7 +33,7 @@ _NONCE_SIZE = 24
 _LABEL_MAC1 = b"mac1----"
 _LABEL_COOKIE = b"cookie--"
 _REPLY_HEADER = struct.Struct("<II")
-_TYPE_3 = _REPLY_HEADER.pack(MESSAGE_COOKIE_REPLY, 0)[:4]
+_TYPE_3 = bytes((MESSAGE_COOKIE_REPLY, 0, 0, 0))   # type byte, then 3 reserved zeros
 _NO_MAC2 = bytes(MAC_SIZE)
 
 
