@@ -26,6 +26,20 @@ pytestmark = pytest.mark.skipif(not (shutil.which("wireguard-go") and shutil.whi
                                 reason="wireguard-go and wg are needed")
 
 UAPI_DIR = Path("/run/wireguard")
+DEBIAN_PYTHON = "/usr/bin/python3"      # with Debian 12's python3-cryptography 38: no *_into
+
+
+def _debian_python_ok() -> bool:
+    try:
+        return subprocess.run([DEBIAN_PYTHON, "-c", "import cryptography"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+PYTHONS = [pytest.param(sys.executable, id="venv"),
+           pytest.param(DEBIAN_PYTHON, id="debian", marks=pytest.mark.skipif(
+               not _debian_python_ok(), reason="no Debian python3-cryptography"))]
 WG_PORT = 51820
 OUR_PORT = 51821
 WG_TUNNEL = "192.168.53.1"          # wireguard-go's tunnel address (server)
@@ -103,21 +117,22 @@ def wggo(lab, tmp_path):
             print(instance.log.read_text(errors="replace"))
 
 
-def run_peer(lab, cfg: dict, timeout: float = 30) -> dict:
-    result = lab.run("hostu", [sys.executable, "-m", "tests.wgpeer"], input=json.dumps(cfg) + "\n",
+def run_peer(lab, python: str, cfg: dict, timeout: float = 30) -> dict:
+    result = lab.run("hostu", [python, "-m", "tests.wgpeer"], input=json.dumps(cfg) + "\n",
                      timeout=timeout, cwd=str(REPO))
     lines = result.stdout.splitlines()
     assert lines[:1] == ["ready"], result.stdout + result.stderr
     return json.loads(lines[1]) if len(lines) > 1 else {"error": result.stderr}
 
 
+@pytest.mark.parametrize("python", PYTHONS)
 @pytest.mark.parametrize("with_psk", [False, True], ids=["no-psk", "psk"])
-def test_our_initiator_pings_wireguard_go(lab, wggo, with_psk):
+def test_our_initiator_pings_wireguard_go(lab, wggo, with_psk, python):
     private = os.urandom(32)
     psk = os.urandom(32) if with_psk else None
     wggo.configure(keys.public_key(private), psk, endpoint=None)
     count = 3
-    result = run_peer(lab, {
+    result = run_peer(lab, python, {
         "mode": "initiate", "private": private.hex(), "peer_public": wggo.public.hex(),
         "psk": psk.hex() if psk else None, "bind": ["10.9.0.5", OUR_PORT],
         "endpoint": ["10.9.0.11", WG_PORT], "tunnel_src": OUR_TUNNEL, "tunnel_dst": WG_TUNNEL,
@@ -139,8 +154,9 @@ def test_our_initiator_pings_wireguard_go(lab, wggo, with_psk):
     assert dump["tx"] >= 92 + count * 96 and (dump["tx"] - 92 - count * 96) % 32 == 0
 
 
+@pytest.mark.parametrize("python", PYTHONS)
 @pytest.mark.parametrize("with_psk", [False, True], ids=["no-psk", "psk"])
-def test_wireguard_go_initiates_to_our_responder(lab, wggo, with_psk):
+def test_wireguard_go_initiates_to_our_responder(lab, wggo, with_psk, python):
     private = os.urandom(32)
     psk = os.urandom(32) if with_psk else None
     wggo.configure(keys.public_key(private), psk, endpoint=f"10.9.0.5:{OUR_PORT}")
@@ -148,7 +164,7 @@ def test_wireguard_go_initiates_to_our_responder(lab, wggo, with_psk):
     cfg = {"mode": "respond", "private": private.hex(), "peer_public": wggo.public.hex(),
            "psk": psk.hex() if psk else None, "bind": ["10.9.0.5", OUR_PORT],
            "tunnel_src": OUR_TUNNEL, "count": count, "timeout": 20}
-    peer = lab.spawn("hostu", [sys.executable, "-m", "tests.wgpeer"], stdin=subprocess.PIPE,
+    peer = lab.spawn("hostu", [python, "-m", "tests.wgpeer"], stdin=subprocess.PIPE,
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
     try:
         peer.stdin.write(json.dumps(cfg) + "\n")

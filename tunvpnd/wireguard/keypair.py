@@ -33,6 +33,18 @@ _U16 = struct.Struct(">H")
 _HAS_ENCRYPT_INTO = hasattr(ChaCha20Poly1305, "encrypt_into")
 
 
+def _takes_buffers() -> bool:
+    """Whether the AEAD accepts memoryviews (38 insists on bytes: then we copy once)."""
+    try:
+        ChaCha20Poly1305(bytes(32)).encrypt(bytes(12), memoryview(b""), None)
+    except TypeError:
+        return False
+    return True
+
+
+_TAKES_BUFFERS = _takes_buffers()
+
+
 class KeypairExhausted(Exception):
     """The send counter reached REJECT_AFTER_MESSAGES: a new handshake is overdue."""
 
@@ -83,7 +95,8 @@ class Keypair:
         return (f"Keypair(local={self.local_index:#x}, remote={self.remote_index:#x}, "
                 f"initiator={self.is_initiator}, sent={self.send_counter})")
 
-    def seal(self, packet: bytes, mtu: int = DEFAULT_MTU) -> bytes | bytearray:
+    def seal(self, packet: bytes | bytearray | memoryview,
+             mtu: int = DEFAULT_MTU) -> bytes | bytearray:
         """The transport message carrying `packet` (b"" = keepalive) with the next counter."""
         counter = self.send_counter
         if counter >= REJECT_AFTER_MESSAGES:
@@ -91,17 +104,19 @@ class Keypair:
         self.send_counter = counter + 1
         pad = padding_size(len(packet), mtu)
         if pad:
-            packet = packet + _ZEROS[:pad]
+            packet = b"".join((packet, _ZEROS[:pad]))     # join takes memoryviews too
         nonce = _NONCE.pack(counter)
         if _HAS_ENCRYPT_INTO:
             out = bytearray(HEADER_SIZE + len(packet) + TAG_SIZE)
             HEADER.pack_into(out, 0, TYPE_TRANSPORT, self.remote_index, counter)
             self._send.encrypt_into(nonce, packet, None, memoryview(out)[HEADER_SIZE:])
             return out
+        if not _TAKES_BUFFERS and type(packet) is not bytes:
+            packet = bytes(packet)
         return HEADER.pack(TYPE_TRANSPORT, self.remote_index, counter) + \
             self._send.encrypt(nonce, packet, None)
 
-    def open(self, datagram: bytes) -> tuple[int, bytes] | None:
+    def open(self, datagram: bytes | bytearray | memoryview) -> tuple[int, bytes] | None:
         """(counter, packet trimmed to its IP length; b"" for a keepalive), or None.
 
         None for anything that is not an authentic type-4 message for this keypair's index,
@@ -114,8 +129,9 @@ class Keypair:
                 counter >= REJECT_AFTER_MESSAGES:
             return None
         try:
-            plain = self._receive.decrypt(_NONCE.pack(counter),
-                                          memoryview(datagram)[HEADER_SIZE:], None)
+            body = memoryview(datagram)[HEADER_SIZE:] if _TAKES_BUFFERS else \
+                bytes(datagram[HEADER_SIZE:])
+            plain = self._receive.decrypt(_NONCE.pack(counter), body, None)
         except InvalidTag:
             return None
         if not plain:

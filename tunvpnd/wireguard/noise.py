@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
@@ -284,8 +285,8 @@ class ConsumedInitiation:
                                        remote_index=self.remote_index, now=now)
 
 
-def consume_initiation(local: StaticIdentity, message: bytes, lookup, now: float
-                       ) -> ConsumedInitiation:
+def consume_initiation(local: StaticIdentity, message: bytes,
+                       lookup: Callable[[bytes], Peer | None], now: float) -> ConsumedInitiation:
     """Check an initiation to us. `lookup(public_key) -> Peer | None` (a dict's .get will do).
 
     mac1 is checked here; mac2 (under load) is the caller's, before. The peer's replay state
