@@ -93,6 +93,7 @@ def test_deb_contents(deb):
         "/usr/bin/tunvpnd",
         "/usr/lib/python3/dist-packages/tunvpnd/cli.py",
         "/usr/lib/python3/dist-packages/tunvpnd/lab/topology.py",
+        "/usr/lib/python3/dist-packages/tunvpnd/wireguard/keys.py",
         "/usr/lib/python3/dist-packages/tunvpnd/examples/client.yaml",
         "/usr/share/man/man8/tunvpnd.8.gz",
         "/usr/share/man/man5/tunvpnd.yaml.5.gz",
@@ -124,7 +125,8 @@ def test_deb_control_fields(deb):
     assert field("Architecture") == "all"
     assert field("Section") == "net"
     depends = [d.strip() for d in field("Depends").split(",")]
-    for name in ("python3-pyroute2", "python3-sdnotify", "python3-yaml"):
+    for name in ("python3-pyroute2", "python3-sdnotify", "python3-yaml",
+                 "python3-cryptography", "python3-nacl"):  # the last two: wire: wireguard
         assert name in depends
     assert any(d.startswith("python3:any") or d.startswith("python3 ") for d in depends), depends
     info = subprocess.run(["dpkg-deb", "-I", str(deb), "conffiles"], capture_output=True,
@@ -197,6 +199,8 @@ step check_server /usr/bin/tunvpnd check /usr/share/doc/tunvpnd/examples/server.
 step modules /usr/bin/python3 -c '
 import importlib.metadata as m, pyroute2, sdnotify, tunvpnd, tunvpnd.service, tunvpnd.lab
 print(tunvpnd.__file__); print(pyroute2.__file__); print("pyroute2", m.version("pyroute2"))'
+step keys sh -c '/usr/bin/tunvpnd genkey | /usr/bin/tunvpnd pubkey && /usr/bin/python3 -c "
+import cryptography, nacl.bindings; print(cryptography.__file__)"'
 step etc_tunvpn ls -A /etc/tunvpn
 step units ls /usr/lib/systemd/system/
 step enabled sh -c 'find /etc/systemd/system -name "tunvpnd*"'
@@ -259,6 +263,10 @@ def test_installs_and_runs_in_a_throwaway_root(deb):
     assert package_file == "/usr/lib/python3/dist-packages/tunvpnd/__init__.py"
     assert pyroute2_file.startswith("/usr/lib/python3/dist-packages/pyroute2/")
     assert pyroute2_version.startswith("pyroute2 0.7.")
+    # secure mode's keys with Debian's python3-cryptography, a public key printed as wg does
+    public, cryptography_file = ok("keys").splitlines()
+    assert re.fullmatch(r"[A-Za-z0-9+/]{43}=", public), public
+    assert cryptography_file.startswith("/usr/lib/python3/dist-packages/cryptography/")
     assert ok("etc_tunvpn") == ""
     units = ok("units").split()
     assert "tunvpnd@.service" in units and "tunvpnd.target" in units
