@@ -83,6 +83,9 @@ def test_build_script_makes_the_deb_and_lintian_finds_no_errors(built, deb):
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     # the build-time smoke test ran against Debian's pyroute2
     assert re.search(r"^tunvpnd \S+ with pyroute2 0\.7\.", proc.stdout, re.M), proc.stdout
+    # ... and Debian's python3-cryptography 38 and python3-nacl 1.5 (secure mode's libraries)
+    assert re.search(r"^cryptography 38\.\S* pynacl 1\.5", proc.stdout, re.M), proc.stdout
+    assert "genkey | pubkey: OK" in proc.stdout
     errors = [line for line in proc.stdout.splitlines() if line.startswith("E: ")]
     assert errors == []
 
@@ -93,6 +96,7 @@ def test_deb_contents(deb):
         "/usr/bin/tunvpnd",
         "/usr/lib/python3/dist-packages/tunvpnd/cli.py",
         "/usr/lib/python3/dist-packages/tunvpnd/lab/topology.py",
+        "/usr/lib/python3/dist-packages/tunvpnd/wireguard/keys.py",
         "/usr/lib/python3/dist-packages/tunvpnd/examples/client.yaml",
         "/usr/share/man/man8/tunvpnd.8.gz",
         "/usr/share/man/man5/tunvpnd.yaml.5.gz",
@@ -124,8 +128,10 @@ def test_deb_control_fields(deb):
     assert field("Architecture") == "all"
     assert field("Section") == "net"
     depends = [d.strip() for d in field("Depends").split(",")]
-    for name in ("python3-pyroute2", "python3-sdnotify", "python3-yaml"):
-        assert name in depends
+    names = [d.split()[0] for d in depends]  # dh_python3 may add "(>= 38)" from pyproject
+    for name in ("python3-pyroute2", "python3-sdnotify", "python3-yaml",
+                 "python3-cryptography", "python3-nacl"):  # the last two: wire: wireguard
+        assert name in names, depends
     assert any(d.startswith("python3:any") or d.startswith("python3 ") for d in depends), depends
     info = subprocess.run(["dpkg-deb", "-I", str(deb), "conffiles"], capture_output=True,
                           text=True, check=True).stdout.split()
@@ -197,6 +203,8 @@ step check_server /usr/bin/tunvpnd check /usr/share/doc/tunvpnd/examples/server.
 step modules /usr/bin/python3 -c '
 import importlib.metadata as m, pyroute2, sdnotify, tunvpnd, tunvpnd.service, tunvpnd.lab
 print(tunvpnd.__file__); print(pyroute2.__file__); print("pyroute2", m.version("pyroute2"))'
+step keys sh -c '/usr/bin/tunvpnd genkey | /usr/bin/tunvpnd pubkey && /usr/bin/python3 -c "
+import cryptography, nacl.bindings; print(cryptography.__file__)"'
 step etc_tunvpn ls -A /etc/tunvpn
 step units ls /usr/lib/systemd/system/
 step enabled sh -c 'find /etc/systemd/system -name "tunvpnd*"'
@@ -259,6 +267,10 @@ def test_installs_and_runs_in_a_throwaway_root(deb):
     assert package_file == "/usr/lib/python3/dist-packages/tunvpnd/__init__.py"
     assert pyroute2_file.startswith("/usr/lib/python3/dist-packages/pyroute2/")
     assert pyroute2_version.startswith("pyroute2 0.7.")
+    # secure mode's keys with Debian's python3-cryptography, a public key printed as wg does
+    public, cryptography_file = ok("keys").splitlines()
+    assert re.fullmatch(r"[A-Za-z0-9+/]{43}=", public), public
+    assert cryptography_file.startswith("/usr/lib/python3/dist-packages/cryptography/")
     assert ok("etc_tunvpn") == ""
     units = ok("units").split()
     assert "tunvpnd@.service" in units and "tunvpnd.target" in units

@@ -1,4 +1,5 @@
-"""Command line: `tunvpnd run|check PROFILE`, `tunvpnd lab up|demo|down`."""
+"""Command line: `tunvpnd run|check PROFILE`, `tunvpnd lab up|demo|down`,
+`tunvpnd genkey|pubkey|genpsk` (WireGuard keys, as `wg` makes them)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import logging
 import os
 import signal
+import stat
 import sys
 from typing import TYPE_CHECKING
 
@@ -34,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     lab = commands.add_parser("lab", help="the SEED lab topology in network namespaces")
     lab.add_argument("action", choices=("up", "demo", "down"))
     lab.add_argument("--prefix", default="tvlab", help="namespace name prefix (default tvlab)")
+    for name, text in (("genkey", "print a new WireGuard private key (as `wg genkey`)"),
+                       ("pubkey", "read a private key on stdin, print its public key (as "
+                        "`wg pubkey`)"),
+                       ("genpsk", "print a new preshared key (as `wg genpsk`)")):
+        commands.add_parser(name, help=text)
     args = parser.parse_args(argv)
     if args.command == "run":
         # Held, not lost, until the daemon's handlers are in place (service.Daemon._signals):
@@ -48,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         return action(args.prefix)
     if args.command == "cleanup":
         return cleanup(args.profile)
+    if args.command in ("genkey", "genpsk", "pubkey"):
+        return key_command(args.command)
     return run_or_check(args.command, args.profile, args.config_dir)
 
 
@@ -90,6 +99,40 @@ def cleanup(name: str) -> int:
         return 1
     finally:
         os.close(lock)
+    return 0
+
+
+def key_command(command: str) -> int:
+    """`wg genkey`, `wg genpsk` and `wg pubkey`, byte for byte: one base64 key and a newline on
+    stdout. Imports neither pyroute2 nor the daemon. Errors never quote the input key."""
+    from .wireguard import keys
+
+    if command == "pubkey":
+        stdin = sys.stdin.buffer
+        text = stdin.read(keys.KEY_TEXT_SIZE)
+        # like wg: after the key, only whitespace (and NULs) until the end of the input
+        while chunk := stdin.read(4096):
+            if chunk.strip(b" \t\n\v\f\r\0"):
+                print("tunvpnd pubkey: trailing characters after the key", file=sys.stderr)
+                return 1
+        try:
+            private = keys.decode_key(text.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            print("tunvpnd pubkey: the input is not a private key: 44 characters of base64 "
+                  "(32 bytes), as `wg genkey` writes it", file=sys.stderr)
+            return 1
+        key = keys.public_key(private)
+    else:
+        try:
+            mode = os.fstat(sys.stdout.fileno()).st_mode
+        except (OSError, ValueError):
+            mode = 0
+        if stat.S_ISREG(mode) and mode & stat.S_IRWXO:  # the same warning as wg's
+            sys.stderr.write("Warning: writing to world accessible file.\n"
+                             "Consider setting the umask to 077 and trying again.\n")
+        key = keys.generate_private() if command == "genkey" else keys.generate_psk()
+    sys.stdout.write(keys.encode_key(key) + "\n")
+    sys.stdout.flush()
     return 0
 
 
