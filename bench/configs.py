@@ -88,6 +88,10 @@ class Tunnel:
                 raise RuntimeError(f"{self.name}: {proc.args[0]} exited with {proc.returncode}: "
                                    f"{self.log_tail()}")
 
+    def facts(self) -> dict[str, str]:
+        """What the tunnel says it negotiated (kept in the JSON beside the numbers)."""
+        return {}
+
     def log_tail(self) -> str:
         return " || ".join(f"{log.name}: {tail(log)}" for log in self.logs)
 
@@ -186,24 +190,37 @@ class OpenVPN(Tunnel):
 
     needs = ("openvpn",)
     PORT = "1194"
+    TUNED = ("--sndbuf", "4194304", "--rcvbuf", "4194304", "--txqueuelen", "2000")
 
     def __init__(self, tuned: bool = False) -> None:
         super().__init__()
         self.tuned = tuned
         self.name = "openvpn-tuned" if tuned else "openvpn-none"
 
-    def argv(self, *extra: str) -> list[str]:
-        argv = ["openvpn", "--dev", "tun0", "--dev-type", "tun", "--proto", "udp",
-                "--disable-dco", "--cipher", "none", "--auth", "none",
-                "--allow-compression", "no", "--tun-mtu", MTU, "--verb", "3", *extra]
-        if self.tuned:
-            argv += ["--sndbuf", "4194304", "--rcvbuf", "4194304", "--txqueuelen", "2000"]
-        return argv
+    def common(self) -> list[str]:
+        return ["openvpn", "--dev", "tun0", "--dev-type", "tun", "--proto", "udp",
+                "--disable-dco", "--allow-compression", "no", "--tun-mtu", MTU, "--verb", "3",
+                *(self.TUNED if self.tuned else ())]
+
+    def argv(self, role: str, *extra: str) -> list[str]:
+        return [*self.common(), "--cipher", "none", "--auth", "none", *extra]
+
+    def prepare(self, lab: Lab, workdir: Path) -> None:
+        """Anything a config needs before its daemons start (keys, certificates)."""
+
+    def ready_text(self) -> tuple[str, ...]:
+        """What both ends' logs must say before the tunnel counts as up."""
+        return ("Initialization Sequence Completed",)
+
+    def says_ready(self, log: Path) -> bool:
+        recent = tail(log, 80)
+        return all(text in recent for text in self.ready_text())
 
     def start(self, lab: Lab, workdir: Path) -> None:
         run_ok(lab, "server", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        self.prepare(lab, workdir)
         server, client = (workdir / f"{self.name}-server.log", workdir / f"{self.name}-hostu.log")
-        self.spawn(lab, "server", self.argv("--lport", self.PORT,
+        self.spawn(lab, "server", self.argv("server", "--lport", self.PORT,
                                             "--ifconfig", SERVER_TUN, CLIENT_TUN), server)
 
         def bound() -> bool:       # a client that starts first is refused, then waits 10 s
@@ -211,17 +228,71 @@ class OpenVPN(Tunnel):
             return "link local (bound)" in tail(server, 50)
 
         wait_until(bound, START_TIMEOUT, 0.05, f"{self.name}: the server's UDP socket")
-        self.spawn(lab, "hostu", self.argv("--nobind", "--remote", lab.addresses["server"],
-                                           self.PORT, "--ifconfig", CLIENT_TUN, SERVER_TUN),
-                   client)
+        self.spawn(lab, "hostu", self.argv("hostu", "--nobind",
+                                           "--remote", lab.addresses["server"], self.PORT,
+                                           "--ifconfig", CLIENT_TUN, SERVER_TUN), client)
 
         def ready() -> bool:
             self.check_alive()
-            return all("Initialization Sequence Completed" in tail(log, 50)
-                       for log in (server, client))
+            return self.says_ready(server) and self.says_ready(client)
 
-        wait_until(ready, START_TIMEOUT, 0.1, f"{self.name}: Initialization Sequence Completed")
+        wait_until(ready, START_TIMEOUT, 0.05,
+                   f"{self.name}: {' and '.join(map(repr, self.ready_text()))} in both logs")
         run_ok(lab, "hostu", ["ip", "route", "add", LAN, "dev", "tun0"])
+
+    def facts(self) -> dict[str, str]:
+        """The client's own summary of its control and data channels, e.g. "Data Channel:
+        cipher 'AES-256-GCM', peer-id: 0" (the last of each, so a renegotiation shows)."""
+        found: dict[str, str] = {}
+        with contextlib.suppress(OSError, IndexError):
+            for line in self.logs[1].read_text(errors="replace").splitlines():
+                for key in ("Control Channel:", "Data Channel:"):
+                    if key in line:
+                        found[key[:-1].lower().replace(" ", "_")] = line[line.index(key):]
+        return found
+
+
+class OpenVPNAES(OpenVPN):
+    """OpenVPN 2.6 as it is deployed: TLS control channel, AES-256-GCM data channel, with the
+    tuned buffers. Each end has a throw-away self-signed certificate made for this run and pins
+    the other's by fingerprint (2.6's --peer-fingerprint: no CA needed)."""
+
+    needs = ("openvpn", "openssl")
+    CIPHER = "AES-256-GCM"
+
+    def __init__(self) -> None:
+        super().__init__(tuned=True)
+        self.name = "openvpn-aes"
+        self.pki: dict[str, tuple[Path, Path]] = {}
+        self.fingerprints: dict[str, str] = {}
+
+    def prepare(self, lab: Lab, workdir: Path) -> None:
+        # openssl runs in the lab's namespaces like every other tool the bench starts; it
+        # needs no network: keys and certificates are written to the work directory
+        for role in ("server", "hostu"):
+            key, cert = workdir / f"ovpn-{role}.key", workdir / f"ovpn-{role}.crt"
+            run_ok(lab, role, ["openssl", "req", "-x509", "-batch", "-nodes", "-newkey", "ec",
+                               "-pkeyopt", "ec_paramgen_curve:prime256v1", "-days", "2",
+                               "-subj", f"/CN=tvb-{role}", "-keyout", str(key),
+                               "-out", str(cert)])
+            out = run_ok(lab, role, ["openssl", "x509", "-in", str(cert), "-noout",
+                                     "-fingerprint", "-sha256"])
+            self.pki[role] = (key, cert)
+            self.fingerprints[role] = out.strip().partition("=")[2]   # "sha256 Fingerprint=AB:.."
+            if not self.fingerprints[role]:
+                raise RuntimeError(f"{self.name}: no SHA256 fingerprint in {out.strip()!r}")
+
+    def argv(self, role: str, *extra: str) -> list[str]:
+        key, cert = self.pki[role]
+        other = self.fingerprints["hostu" if role == "server" else "server"]
+        tls = ["--tls-server", "--dh", "none"] if role == "server" else ["--tls-client"]
+        return [*self.common(), *tls, "--cert", str(cert), "--key", str(key),
+                "--peer-fingerprint", other, "--data-ciphers", self.CIPHER, *extra]
+
+    def ready_text(self) -> tuple[str, ...]:
+        # 2.6 logs the negotiated data channel once per key exchange (init.c,
+        # tls_print_deferred_options_results): proof the tunnel really carries AES-256-GCM
+        return (*super().ready_text(), f"Data Channel: cipher '{self.CIPHER}'")
 
 
 class WireGuardGo(Tunnel):
@@ -309,8 +380,8 @@ def baseline(checkout: Path) -> Tunvpnd:
 def all_configs(baseline_checkout: Path | None = None) -> list[Tunnel]:
     """A fresh instance of every configuration, in table order."""
     before = [baseline(baseline_checkout)] if baseline_checkout else []
-    return [Routing(), Tunvpnd(), *before, OpenVPN(), OpenVPN(tuned=True), WireGuardGo(),
-            PythonFloor()]
+    return [Routing(), Tunvpnd(), *before, OpenVPN(), OpenVPN(tuned=True), OpenVPNAES(),
+            WireGuardGo(), PythonFloor()]
 
 
 CONFIG_NAMES = [c.name for c in all_configs()]

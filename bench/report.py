@@ -10,8 +10,8 @@ from measure import METRICS
 from scale import METRICS as SCALE_METRICS
 
 RATIO_METRICS = ("tcp_mbps", "udp_kpps", "ping_median_ms")
-RATIO_BASES = ("tunvpnd-baseline", "openvpn-none", "openvpn-tuned", "wireguard-go",
-               "python-floor")
+RATIO_BASES = ("tunvpnd-baseline", "openvpn-none", "openvpn-tuned", "openvpn-aes",
+               "wireguard-go", "python-floor")
 
 
 def summarize(values: list[float | None]) -> dict[str, float] | None:

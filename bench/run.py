@@ -88,6 +88,9 @@ def run_one(name: str, prefix: str, opts: Options, peers: int,
         wait_reachable(lab)
         result = measure(lab, tunnel.pids(), opts)
         tunnel.check_alive()
+        facts = tunnel.facts()
+        if facts:
+            result["tunnel"] = facts
         return result
     except Exception as e:
         logs = f"; logs: {tunnel.log_tail()}" if tunnel else ""
@@ -175,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 rounds[name].append(result)
                 say(f"  done in {time.monotonic() - t0:.1f}s: {_brief(name, result)}")
+                for fact in result.get("tunnel", {}).values():
+                    say(f"  {fact}")
     except KeyboardInterrupt:
         errors.append("interrupted")
         say("interrupted: cleaning up")

@@ -10,11 +10,12 @@ import sys
 
 from tests.conftest import REPO
 
-CONFIGS = ("routing", "tunvpnd", "openvpn-none", "openvpn-tuned", "wireguard-go", "python-floor")
+CONFIGS = ("routing", "tunvpnd", "openvpn-none", "openvpn-tuned", "openvpn-aes", "wireguard-go",
+           "python-floor")
 
 
 def test_quick_benchmark_measures_every_configuration(tmp_path):
-    for tool in ("iperf3", "openvpn", "wireguard-go", "wg"):
+    for tool in ("iperf3", "openvpn", "openssl", "wireguard-go", "wg"):
         assert shutil.which(tool), f"{tool} is missing: sh packaging/install.sh --test"
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick",
@@ -28,6 +29,37 @@ def test_quick_benchmark_measures_every_configuration(tmp_path):
         for metric in ("tcp_mbps", "udp_kpps", "ping_median_ms"):
             assert data["summary"][config][metric]["median"] > 0, (config, metric)
     assert data["summary"]["tunvpnd"]["rss_mib"]["median"] > 0
-    assert set(data["ratios"]) >= {"openvpn-none", "openvpn-tuned", "wireguard-go", "python-floor"}
+    assert set(data["ratios"]) >= {"openvpn-none", "openvpn-tuned", "openvpn-aes", "wireguard-go",
+                                   "python-floor"}
     assert "tunvpnd / openvpn-tuned" in result.stdout
+    assert "tunvpnd / openvpn-aes" in result.stdout
+    # openvpn-aes is the encrypted OpenVPN it claims to be: TLS, and AES-256-GCM on the data
+    # channel as OpenVPN itself reports it; openvpn-none really is cleartext
+    aes = data["rounds"]["openvpn-aes"][0]["tunnel"]
+    assert aes["data_channel"].startswith("Data Channel: cipher 'AES-256-GCM'"), aes
+    assert aes["control_channel"].startswith("Control Channel: TLSv1."), aes
+    none = data["rounds"]["openvpn-none"][0]["tunnel"]
+    assert none["data_channel"].startswith("Data Channel: cipher '[null-cipher]'"), none
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_openvpn_aes_is_ready_only_when_its_log_shows_aes_256_gcm(tmp_path):
+    """The readiness check is what guarantees the openvpn-aes column measured AES-256-GCM: a
+    tunnel that came up with any other data cipher (or before it says) is not ready."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from configs import OpenVPNAES
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    log = tmp_path / "openvpn.log"
+    up = "2026-12-02 02:12:58 Initialization Sequence Completed\n"
+    for data_channel, ready in (("Data Channel: cipher 'AES-256-GCM', peer-id: 0", True),
+                                ("Data Channel: cipher 'AES-128-GCM', peer-id: 0", False),
+                                ("Data Channel: cipher 'CHACHA20-POLY1305', peer-id: 0", False),
+                                ("Data Channel: cipher '[null-cipher]', auth '[null-digest]'",
+                                 False),
+                                ("", False)):
+        log.write_text(f"{up}2026-12-02 02:12:58 {data_channel}\n")
+        assert OpenVPNAES().says_ready(log) is ready, data_channel
+    log.write_text("2026-12-02 02:12:58 Data Channel: cipher 'AES-256-GCM', peer-id: 0\n")
+    assert not OpenVPNAES().says_ready(log)     # negotiated, but not up yet
