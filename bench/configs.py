@@ -198,9 +198,12 @@ class OpenVPN(Tunnel):
         self.name = "openvpn-tuned" if tuned else "openvpn-none"
 
     def common(self) -> list[str]:
+        # --ping 1: without TLS each end only learns the other is there from its first packet,
+        # which otherwise comes seconds later (4 s of every start); OpenVPN sends a ping only
+        # after a second with nothing else sent, so none go out while a test runs
         return ["openvpn", "--dev", "tun0", "--dev-type", "tun", "--proto", "udp",
-                "--disable-dco", "--allow-compression", "no", "--tun-mtu", MTU, "--verb", "3",
-                *(self.TUNED if self.tuned else ())]
+                "--disable-dco", "--allow-compression", "no", "--tun-mtu", MTU, "--ping", "1",
+                "--verb", "3", *(self.TUNED if self.tuned else ())]
 
     def argv(self, role: str, *extra: str) -> list[str]:
         return [*self.common(), "--cipher", "none", "--auth", "none", *extra]
