@@ -28,7 +28,7 @@ from .cookie import COOKIE_REPLY_SIZE, CookieChecker, source_bytes
 from .keypair import TYPE_TRANSPORT, Keypair
 from .ratelimit import RateLimiter
 from .replay import ReplayFilter
-from .session import REJECT_AFTER_TIME, Endpoint, Session
+from .session import KEEPALIVE_TIMEOUT, LAST_MINUTE_REKEY, REJECT_AFTER_TIME, Endpoint, Session
 
 # Drop reasons (counter names for the packet core).
 BAD_SIZE = "bad_size"                   # wrong length, unknown type, non-zero reserved bytes
@@ -183,12 +183,12 @@ class Device:
             if session.persistent_keepalive:
                 session.persistent_at = now + session.persistent_keepalive
             session.new_handshake_at = None
-            if kp.is_initiator and now - kp.created > 165.0:
+            if kp.is_initiator and now - kp.created > LAST_MINUTE_REKEY:
                 session.keep_key_fresh_receiving(now)
             if not packet:
                 return None                     # a keepalive
             if session.keepalive_at is None:    # timersDataReceived
-                session.keepalive_at = now + 10.0
+                session.keepalive_at = now + KEEPALIVE_TIMEOUT
             else:
                 session.need_another_keepalive = True
             return session, packet
