@@ -188,3 +188,56 @@ def test_wireguard_go_initiates_to_our_responder(lab, wggo, with_psk, python):
     assert dump["latest_handshake"] > 0
     # wireguard-go sent the initiation and the echo requests, we the response and the replies.
     assert dump["tx"] >= 148 + count * 96 and dump["rx"] >= 92 + count * 96
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+@pytest.mark.parametrize("with_psk", [False, True], ids=["no-psk", "psk"])
+def test_device_initiator_exchanges_1000_echoes_with_wireguard_go(lab, wggo, with_psk, python):
+    """The sans-I/O Device (staging, timers, rotation) as our side: the first echo waits for
+    the handshake, then 1,000 echo requests one at a time, every reply back in order."""
+    private = os.urandom(32)
+    psk = os.urandom(32) if with_psk else None
+    wggo.configure(keys.public_key(private), psk, endpoint=None)
+    count = 1000
+    result = run_peer(lab, python, {
+        "mode": "device-initiate", "private": private.hex(), "peer_public": wggo.public.hex(),
+        "psk": psk.hex() if psk else None, "bind": ["10.9.0.5", OUR_PORT],
+        "endpoint": ["10.9.0.11", WG_PORT], "tunnel_src": OUR_TUNNEL, "tunnel_dst": WG_TUNNEL,
+        "count": count, "timeout": 40}, timeout=60)
+    assert "error" not in result, result
+    assert result["seqs"] == list(range(1, count + 1)) and result["same_data"]
+    assert result["drops"] == {} and result["initiator"] is True
+    dump = wggo.peer_dump()
+    assert dump["endpoint"] == f"10.9.0.5:{OUR_PORT}" and dump["latest_handshake"] > 0
+    assert dump["rx"] >= 148 + count * 96
+
+
+@pytest.mark.parametrize("with_psk", [False, True], ids=["no-psk", "psk"])
+def test_wireguard_go_initiates_to_our_device(lab, wggo, with_psk):
+    """wireguard-go initiates; our Device responds, waits for confirmation, answers pings."""
+    private = os.urandom(32)
+    psk = os.urandom(32) if with_psk else None
+    wggo.configure(keys.public_key(private), psk, endpoint=f"10.9.0.5:{OUR_PORT}")
+    count = 10
+    cfg = {"mode": "device-respond", "private": private.hex(), "peer_public": wggo.public.hex(),
+           "psk": psk.hex() if psk else None, "bind": ["10.9.0.5", OUR_PORT],
+           "tunnel_src": OUR_TUNNEL, "count": count, "timeout": 20}
+    peer = lab.spawn("hostu", [sys.executable, "-m", "tests.wgpeer"], stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
+    try:
+        peer.stdin.write(json.dumps(cfg) + "\n")
+        peer.stdin.close()
+        peer.stdin = None
+        assert peer.stdout.readline().strip() == "ready"
+        pinged = in_ns(lab, "server", ["ping", "-4", "-c", str(count), "-i", "0.2", "-W", "5",
+                                       OUR_TUNNEL], timeout=30)
+        assert f"{count} received" in pinged.stdout
+        out, err = peer.communicate(timeout=20)
+        result = json.loads(out.splitlines()[0])
+        assert "error" not in result, (result, err)
+        assert result["answered"] == list(range(1, count + 1))
+        assert result["initiator"] is False and result["drops"] == {}
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+            peer.communicate()

@@ -7,6 +7,8 @@ one JSON line with what happened. Modes:
             through the tunnel; report the echo replies that came back.
   respond:  answer the peer's initiation, then answer `count` ICMP echo requests sent to
             tunnel_src through the tunnel; report them.
+  device-initiate, device-respond: the same through tunvpnd.wireguard.device.Device (the
+            sans-I/O core with its timers, ticked every 250 ms), `count` echoes one at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 
 from tests.ipcraft import checksum, icmp_echo, ipv4
 from tunvpnd.wireguard import noise
+from tunvpnd.wireguard.device import Device
 
 
 def _icmp(packet: bytes) -> tuple[str, str, int, int, bytes] | None:
@@ -95,6 +98,81 @@ def respond(cfg: dict, sock: socket.socket, local: noise.StaticIdentity,
     return {"answered": answered, "confirmed": confirmed}
 
 
+class DeviceLoop:
+    """A tiny event loop around a Device: a UDP socket, ticks every 250 ms."""
+
+    def __init__(self, cfg: dict, sock: socket.socket) -> None:
+        self.sock = sock
+        self.dev = Device(bytes.fromhex(cfg["private"]),
+                          wall_offset=time.time() - time.monotonic())
+        psk = bytes.fromhex(cfg["psk"]) if cfg.get("psk") else None
+        endpoint = tuple(cfg["endpoint"]) if cfg.get("endpoint") else None
+        self.session = self.dev.add_peer(bytes.fromhex(cfg["peer_public"]), psk, endpoint)
+        self.next_tick = time.monotonic()
+
+    def flush(self) -> None:
+        for datagram, endpoint in self.dev.outbox:
+            self.sock.sendto(datagram, endpoint)
+        self.dev.outbox.clear()
+
+    def send(self, packet: bytes) -> None:
+        datagram = self.session.encapsulate(packet, time.monotonic())
+        if datagram is not None:
+            self.sock.sendto(datagram, self.session.endpoint)
+        self.flush()
+
+    def packet(self, deadline: float) -> bytes:
+        """The next packet for the TUN, running timers meanwhile."""
+        while True:
+            now = time.monotonic()
+            if now >= self.next_tick:
+                self.dev.tick(now, time.time())
+                self.flush()
+                self.next_tick = now + 0.25
+            if now >= deadline:
+                raise TimeoutError
+            self.sock.settimeout(max(0.001, min(self.next_tick, deadline) - now))
+            try:
+                data, source = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            got = self.dev.receive(data, source, time.monotonic())
+            self.flush()
+            if got is not None:
+                return got[1]
+
+    def report(self) -> dict:
+        return {"drops": {k: v for k, v in self.dev.drops.items() if v},
+                "initiator": self.session.current.is_initiator if self.session.current
+                else None}
+
+
+def device_initiate(cfg: dict, sock: socket.socket, deadline: float) -> dict:
+    loop = DeviceLoop(cfg, sock)
+    seqs, same = [], True
+    for seq in range(1, cfg["count"] + 1):
+        request = icmp_echo(cfg["tunnel_src"], cfg["tunnel_dst"], ident=77, seq=seq)
+        loop.send(request)
+        echo = _icmp(loop.packet(deadline))
+        while echo is None or echo[2] != 0:
+            echo = _icmp(loop.packet(deadline))
+        seqs.append(echo[3])
+        same = same and echo[4][8:] == request[28:] and echo[0] == cfg["tunnel_dst"]
+    return {"seqs": seqs, "same_data": same, **loop.report()}
+
+
+def device_respond(cfg: dict, sock: socket.socket, deadline: float) -> dict:
+    loop = DeviceLoop(cfg, sock)
+    answered = []
+    while len(answered) < cfg["count"]:
+        packet = loop.packet(deadline)
+        echo = _icmp(packet)
+        if echo and echo[2] == 8 and echo[1] == cfg["tunnel_src"]:
+            loop.send(_echo_reply(packet))
+            answered.append(echo[3])
+    return {"answered": answered, **loop.report()}
+
+
 def _recvfrom(sock: socket.socket, deadline: float) -> tuple[bytes, tuple]:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
@@ -116,9 +194,13 @@ def main() -> int:
     sock.bind(tuple(cfg["bind"]))
     print("ready", flush=True)
     deadline = time.monotonic() + cfg.get("timeout", 15)
-    run = initiate if cfg["mode"] == "initiate" else respond
     try:
-        result = run(cfg, sock, local, peer, deadline)
+        if cfg["mode"].startswith("device-"):
+            run = device_initiate if cfg["mode"] == "device-initiate" else device_respond
+            result = run(cfg, sock, deadline)
+        else:
+            run = initiate if cfg["mode"] == "initiate" else respond
+            result = run(cfg, sock, local, peer, deadline)
     except TimeoutError:
         result = {"error": "timed out"}
     print(json.dumps(result), flush=True)
