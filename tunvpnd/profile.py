@@ -627,6 +627,14 @@ class _Checker:
         if name is None:
             return None
         try:
+            decode_key(name)
+        except ValueError:
+            pass  # a file name, as expected
+        else:  # a secret in the profile: never echoed, not even as a missing file's name
+            return self.fail(node, path, "is a key, not the name of a file: put the key in a "
+                             "file (`tunvpnd genkey > NAME.key`, mode 0600) and name that file "
+                             "here")
+        try:
             return read_key_file(name, self.profile_dir, private=True)
         except KeyFileError as error:
             return self.fail(node, path, str(error))
