@@ -4,6 +4,7 @@ problem as FILE:LINE: key.path: what, and never a secret key in any output."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -152,6 +153,27 @@ def test_repr_and_str_of_a_loaded_profile_hold_no_secret(keys):
             no_secrets(text, keys)
         assert "public_key=" in repr(p)  # public keys may be shown; secrets are left out
     assert "preshared_key" not in repr(PeerConfig("a", (), None, b"p" * 32, b"s" * 32))
+
+
+@pytest.mark.parametrize("name", ["wg-client.yaml", "wg-server.yaml"])
+def test_example_profiles_check_with_fresh_keys(keys, tmp_path, name):
+    text = (REPO / "etc/tunvpn" / name).read_text()
+    write_key_file(tmp_path / name.replace(".yaml", ".key"), generate_private())
+    p = load(text, name)
+    assert p.wire == "wireguard" and p.private_key is not None
+    assert (p.server_public_key if p.mode == "client" else p.peers[0].public_key) is not None
+
+
+def test_wireguard_examples_in_the_man_page_check_with_fresh_keys(keys, tmp_path):
+    roff = (REPO / "docs" / "tunvpnd.yaml.5").read_text()
+    blocks = [b for b in re.findall(r"^\.EX\n(.*?)^\.EE", roff, re.M | re.S)
+              if b.startswith("# wg-")]
+    assert len(blocks) == 2
+    for name in ("wg-client.key", "wg-server.key", "wg-client.psk"):
+        write_key_file(tmp_path / name, generate_private())
+    for block in blocks:
+        p = load(block.replace("\\-", "-"), block.split(",")[0][2:])
+        assert p.wire == "wireguard"
 
 
 # --- where key files are found ----------------------------------------------------------------
