@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, tun_links
+from tests.conftest import REPO, client_profile, ping, server_profile, tun_links
+from tests.test_reload import reload
 from tunvpnd.profile import PeerConfig, ProfileError, load_profile
 from tunvpnd.wireguard.keys import (
     encode_key,
@@ -447,3 +448,20 @@ def test_run_refuses_a_wireguard_profile_before_touching_anything(keys, tmp_path
     no_secrets(result.stdout + result.stderr, keys)
     assert tun_links(lab, "hostu") == []
     assert not (tmp_path / "run").exists()  # not even the instance lock was taken
+
+
+def test_reload_to_wire_wireguard_keeps_the_plain_tunnel_running(lab, daemons):
+    """A running plain daemon whose profile turns into a wireguard one on SIGHUP: the wire
+    needs a restart, so the tunnel keeps working on plain, and the log says why."""
+    daemons(lab, "server", server_profile())
+    client = daemons(lab, "hostu", client_profile())
+    keys = Keys(client.profile.parent)
+    text = client.profile.read_text()
+    client.profile.write_text(text.replace("mode: client\n", "mode: client\nwire: wireguard\n"
+                                           "private_key_file: client.key\nserver_public_key: "
+                                           f"{encode_key(keys.server_pub)}\n"))
+    reload(client)
+    assert "wire changed: restart the service to apply it" in client.log()
+    ping(lab, "hostu", "192.168.60.5")
+    assert client.proc.poll() is None
+    no_secrets(client.log(), keys)
