@@ -465,3 +465,15 @@ def test_reload_to_wire_wireguard_keeps_the_plain_tunnel_running(lab, daemons):
     ping(lab, "hostu", "192.168.60.5")
     assert client.proc.poll() is None
     no_secrets(client.log(), keys)
+
+
+def test_a_plain_profile_does_not_load_cryptography():
+    """A plain daemon stays as small as before: the WireGuard keys' libraries (about 10 MB of
+    memory) are only imported for a wireguard profile."""
+    code = ("import sys; from tunvpnd.profile import load_profile; "
+            f"load_profile({str(REPO / 'etc/tunvpn/server.yaml')!r}); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cryptography', 'nacl')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=30, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[]\n"

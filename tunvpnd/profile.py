@@ -34,8 +34,6 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from .wireguard.keys import KeyFileError, decode_key, public_key, read_key_file
-
 DEFAULT_PORT = 9090
 DEFAULT_MTU = 1420  # fits an IPv6 underlay (48) + 32 bytes for a future AEAD header in 1500
 DEFAULT_CONFIG_DIR = "/etc/tunvpn"
@@ -612,6 +610,8 @@ class _Checker:
 
     def key(self, node: Node, path: str) -> bytes | None:
         """A public key written in the profile, as `wg pubkey` prints it."""
+        from .wireguard.keys import decode_key  # here: plain profiles never load cryptography
+
         text = self.text(node, path)
         if text is None:
             return None
@@ -623,6 +623,8 @@ class _Checker:
     def key_file(self, node: Node, path: str) -> bytes | None:
         """The secret key in the file a profile names, read as `run` reads it: the message of a
         KeyFileError names the file, never its content."""
+        from .wireguard.keys import KeyFileError, decode_key, read_key_file
+
         name = self.text(node, path)
         if name is None:
             return None
@@ -643,6 +645,8 @@ class _Checker:
 
     def wireguard(self, root: Node, got: dict, mode: str, profile_dir: Path) -> dict:
         """The key fields of a wireguard Profile: ours, and the client's server keys."""
+        from .wireguard.keys import public_key
+
         self.profile_dir = profile_dir
         keys: dict[str, Any] = {}
         if "private_key_file" in got:
