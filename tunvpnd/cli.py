@@ -175,8 +175,13 @@ def summary(profile: Profile) -> str:
         peer = f"listen {'[' + host + ']' if ':' in host else host}:{port}, " + (
             f"{len(profile.peers)} peers" if profile.peers else "learning peers")
     routes = f"{len(profile.routes)} route{'s' if len(profile.routes) != 1 else ''}"
+    wire = ""
+    if profile.wire == "wireguard":  # our public key, as `wg show` shows it; never the private
+        from .wireguard.keys import encode_key
+
+        wire = f", wireguard, public key {encode_key(profile.public_key)}"
     return (f"{profile.path}: OK: {profile.mode} {profile.ifname} {addresses} mtu {profile.mtu}, "
-            f"{peer}, {routes}" + (", forwarding" if profile.forward else ""))
+            f"{peer}, {routes}" + (", forwarding" if profile.forward else "") + wire)
 
 
 if __name__ == "__main__":

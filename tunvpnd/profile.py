@@ -16,7 +16,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import (
     IPv4Address,
     IPv4Interface,
@@ -45,13 +45,18 @@ MAX_PROBLEMS = 20  # problems listed; the rest are counted in one last line
 BITS = {4: 32, 6: 128}
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+WIRES = ("plain", "wireguard")
 _TOP_KEYS = ("mode", "server", "listen", "interface", "routes", "forward", "keepalive",
-             "peer_timeout", "peers", "log", "max_learned_peers", "max_addresses_per_endpoint")
+             "peer_timeout", "peers", "log", "max_learned_peers", "max_addresses_per_endpoint",
+             "wire", "private_key_file", "server_public_key", "preshared_key_file")
 _MODE_ONLY = {"server": "client", "listen": "server", "peers": "server", "peer_timeout": "server",
-              "max_learned_peers": "server", "max_addresses_per_endpoint": "server"}
+              "max_learned_peers": "server", "max_addresses_per_endpoint": "server",
+              "server_public_key": "client", "preshared_key_file": "client"}
+_WIREGUARD_ONLY = ("private_key_file", "server_public_key", "preshared_key_file")
+_PEER_WIREGUARD_ONLY = ("public_key", "preshared_key_file")
 _IFACE_KEYS = ("name", "address", "mtu")
 _LOG_KEYS = ("level", "packets")
-_PEER_KEYS = ("name", "allowed_ips", "endpoint")
+_PEER_KEYS = ("name", "allowed_ips", "endpoint", "public_key", "preshared_key_file")
 _PEER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _INSTANCE = re.compile(r"[A-Za-z0-9_.@-]+")
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # RFC 1123
@@ -65,7 +70,11 @@ _EXCERPT = 100  # characters of a value quoted in a message
 class PeerConfig:
     name: str
     allowed_ips: tuple[IPNetwork, ...]
-    endpoint: tuple[str, int | None] | None  # pinned (ip literal, port or None = any port)
+    # plain: a pin (ip literal, port or None = any port); wireguard: WireGuard's Endpoint,
+    # where to send before the peer has spoken (ip literal, port), then it follows the peer
+    endpoint: tuple[str, int | None] | None
+    public_key: bytes | None = None  # wireguard: the peer's static public key
+    preshared_key: bytes | None = field(default=None, repr=False)  # wireguard, optional: secret
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,12 @@ class Profile:
     log_packets: bool
     max_learned_peers: int = 1024  # server: learned peers at most (core.MAX_LEARNED_PEERS)
     max_addresses_per_endpoint: int = 16  # server: learned addresses per endpoint at most
+    wire: str = "plain"  # "plain" | "wireguard"
+    # wireguard only (None with plain). Secrets never go into a repr: repr=False.
+    private_key: bytes | None = field(default=None, repr=False)  # ours, from private_key_file
+    public_key: bytes | None = None  # ours, computed from private_key (may be shown)
+    server_public_key: bytes | None = None  # client: the server's static public key
+    preshared_key: bytes | None = field(default=None, repr=False)  # client, optional
 
     @property
     def name(self) -> str:
@@ -154,9 +169,16 @@ def load_profile(path: str | Path) -> Profile:
     mode = c.choice(got["mode"], "mode", ("client", "server")) if "mode" in got else None
     if "mode" not in got:
         c.fail(root, "mode", "required (client or server)")
+    misplaced = {key for key in got if mode and _MODE_ONLY.get(key, mode) != mode}
     for key in got:
-        if mode and _MODE_ONLY.get(key, mode) != mode:  # mode-specific keys; skip if mode unknown
+        if key in misplaced:  # mode-specific keys; skipped if the mode is unknown
             c.fail(c.keys[key], key, f"only allowed in {_MODE_ONLY[key]} mode")
+    wire = c.choice(got["wire"], "wire", WIRES) if "wire" in got else "plain"
+    c.wire = wire
+    if wire == "plain":
+        for key in _WIREGUARD_ONLY:
+            if key in got and key not in misplaced:
+                c.fail(c.keys[key], key, _plain_says(got))
 
     server = None
     if mode == "client" and "server" not in got:
@@ -188,12 +210,20 @@ def load_profile(path: str | Path) -> Profile:
     keepalive = 25 if mode == "client" else 0
     if "keepalive" in got:
         keepalive = c.integer(got["keepalive"], "keepalive", 0, 3600)
+    keys = {}  # wireguard: the Profile's key fields
+    if wire == "wireguard" and mode is not None:
+        keys = c.wireguard(root, got, mode, Path(path).parent)
     peer_timeout = 180
     peers: tuple[PeerConfig, ...] = ()
     if mode == "server":
         if "peer_timeout" in got:
             peer_timeout = c.integer(got["peer_timeout"], "peer_timeout", 10, 86400)
         peers = c.peers(got.get("peers"))
+        node = got.get("peers")
+        if wire == "wireguard" and (node is None or node.tag == _NULL
+                                    or isinstance(node, SequenceNode) and not node.value):
+            c.fail(node or root, "peers", "required with wire: wireguard (each peer with its "
+                   "public_key and allowed_ips): a wireguard server learns no peers")
         for peer in peers:
             c.loops(peer.endpoint, f"the endpoint of peer {peer.name!r}")
 
@@ -208,7 +238,13 @@ def load_profile(path: str | Path) -> Profile:
     if c.problems:
         raise ProfileError(c.report(file), len(c.problems) + c.dropped)
     return Profile(Path(path), mode, server, listen, ifname, tuple(addresses), mtu, tuple(routes),
-                   forward, peers, keepalive, peer_timeout, level, packets, **limits)
+                   forward, peers, keepalive, peer_timeout, level, packets, **limits, wire=wire,
+                   **keys)
+
+
+def _plain_says(got: dict) -> str:
+    how = "wire: plain" if "wire" in got else "wire: plain, the default"
+    return f"only used with wire: wireguard (this profile is {how})"
 
 
 def _compose(file: str) -> tuple[yaml.SafeLoader, MappingNode]:
@@ -372,6 +408,9 @@ class _Checker:
         self.keys: dict[str, Node] = {}  # key path -> key node
         self.listed: dict[str, list[tuple[Any, Node, str]]] = {}  # path -> (value, node, where)
         self._networks: dict[str, tuple[IPNetwork | None, str]] = {}  # text -> (net, problem)
+        self.wire: str | None = "plain"  # None: unknown (the value was wrong)
+        self.profile_dir = Path(".")  # where relative key file names are found (after creds)
+        self.own_public: bytes | None = None  # wireguard: the public key of our private key
 
     def fail(self, node: Node, path: str, message: str) -> None:
         self.problems.append((node.start_mark.line + 1, len(self.problems) + self.dropped,
@@ -569,11 +608,108 @@ class _Checker:
                 self.fail(node, where, f"{address} puts {what} {ip} inside the tunnel network, "
                           "so the tunnel would carry its own datagrams into itself")
 
+    def key(self, node: Node, path: str) -> bytes | None:
+        """A public key written in the profile, as `wg pubkey` prints it."""
+        from .wireguard.keys import decode_key  # here: plain profiles never load cryptography
+
+        text = self.text(node, path)
+        if text is None:
+            return None
+        try:
+            return decode_key(text)
+        except ValueError as error:  # its message never quotes the text
+            return self.fail(node, path, str(error))
+
+    def key_file(self, node: Node, path: str) -> bytes | None:
+        """The secret key in the file a profile names, read as `run` reads it: the message of a
+        KeyFileError names the file, never its content."""
+        from .wireguard.keys import KeyFileError, decode_key, read_key_file
+
+        name = self.text(node, path)
+        if name is None:
+            return None
+        try:
+            decode_key(name)
+        except ValueError:
+            pass  # a file name, as expected
+        else:  # a secret in the profile: never echoed, not even as a missing file's name
+            return self.fail(node, path, "is a key, not the name of a file: put the key in a "
+                             "file (`tunvpnd genkey > NAME.key`, mode 0600) and name that file "
+                             "here")
+        try:
+            return read_key_file(name, self.profile_dir, private=True)
+        except KeyFileError as error:
+            return self.fail(node, path, str(error))
+        except ValueError:  # a NUL in the name
+            return self.fail(node, path, f"{_excerpt(name)} is not a file name")
+
+    def wireguard(self, root: Node, got: dict, mode: str, profile_dir: Path) -> dict:
+        """The key fields of a wireguard Profile: ours, and the client's server keys."""
+        from .wireguard.keys import public_key
+
+        self.profile_dir = profile_dir
+        keys: dict[str, Any] = {}
+        if "private_key_file" in got:
+            private = self.key_file(got["private_key_file"], "private_key_file")
+            if private is not None:
+                self.own_public = public_key(private)
+                keys.update(private_key=private, public_key=self.own_public)
+        else:
+            self.fail(root, "private_key_file", "required with wire: wireguard (a file holding "
+                      "our private key, as `tunvpnd genkey` or `wg genkey` writes it)")
+        if mode == "client":
+            if "server_public_key" in got:
+                node = got["server_public_key"]
+                key = self.key(node, "server_public_key")
+                if key is not None and key == self.own_public:
+                    self.fail(node, "server_public_key", "is our own public key (that of "
+                              "private_key_file): the server has a key of its own")
+                keys["server_public_key"] = key
+            else:
+                self.fail(root, "server_public_key", "required with wire: wireguard in client "
+                          "mode (the server's public key, as `wg pubkey` prints it)")
+            if "preshared_key_file" in got:
+                keys["preshared_key"] = self.key_file(got["preshared_key_file"],
+                                                      "preshared_key_file")
+        return keys
+
+    def peer_keys(self, item: Node, get: dict, where: str, owner: str,
+                  seen: dict[bytes, tuple[str, int]]) -> dict:
+        """A peer's public_key and preshared key (wireguard), or problems for them (plain)."""
+        if self.wire != "wireguard":
+            for key in _PEER_WIREGUARD_ONLY:
+                if key in get and self.wire == "plain":
+                    self.fail(self.keys[f"{where}.{key}"], f"{where}.{key}",
+                              "only used with wire: wireguard (this profile is wire: plain)")
+            return {}
+        found: dict[str, Any] = {}
+        if "public_key" not in get:
+            self.fail(item, f"{where}.public_key", "required with wire: wireguard (the peer's "
+                      "public key, as `wg pubkey` prints it)")
+        else:
+            node = get["public_key"]
+            key = found["public_key"] = self.key(node, f"{where}.public_key")
+            line = node.start_mark.line + 1
+            if key is not None and key == self.own_public:
+                self.fail(node, f"{where}.public_key", "is our own public key (that of "
+                          "private_key_file): a peer is another host, with a key of its own")
+            elif key is not None and key in seen:
+                other, first = seen[key]
+                self.fail(node, f"{where}.public_key", f"the same public key as {other} (line "
+                          f"{first}): each peer has a key of its own")
+            elif key is not None:
+                seen[key] = (owner, line)
+        if "preshared_key_file" in get:
+            found["preshared_key"] = self.key_file(get["preshared_key_file"],
+                                                   f"{where}.preshared_key_file")
+        return found
+
     def peers(self, node: Node | None) -> tuple[PeerConfig, ...]:
         peers: list[PeerConfig] = []
         names: dict[str, int] = {}  # name -> line
         owners: list[tuple[Any, str, Node, str]] = []  # every allowed IP: (net, peer, node, path)
         lists: dict[Node, str] = {}  # each allowed_ips list node -> its first path
+        public_keys: dict[bytes, tuple[str, int]] = {}  # wireguard: key -> (peer, line)
         for item, where in self.items(node, "peers"):
             get = self.mapping(item, where, _PEER_KEYS)
             if get is None:
@@ -612,7 +748,13 @@ class _Checker:
             endpoint = None
             if "endpoint" in get:
                 endpoint = self.hostport(get["endpoint"], f"{where}.endpoint", False, None)
-            peers.append(PeerConfig(name or "", tuple(allowed), endpoint))
+                if endpoint and endpoint[1] is None and self.wire == "wireguard":
+                    host = f"[{endpoint[0]}]" if ":" in endpoint[0] else endpoint[0]
+                    endpoint = self.fail(get["endpoint"], f"{where}.endpoint", "needs a port "
+                                         "with wire: wireguard (where the first handshake is "
+                                         f"sent), like {host}:{DEFAULT_PORT}")
+            keys = self.peer_keys(item, get, where, owner, public_keys)
+            peers.append(PeerConfig(name or "", tuple(allowed), endpoint, **keys))
         for later, earlier in _overlaps([net for net, *_ in owners]):
             net, owner, ip, ipwhere = owners[later]
             other, who = owners[earlier][:2]

@@ -53,6 +53,13 @@ class _StoppedDuringStart(Exception):
     """SIGTERM/SIGINT arrived while starting: undo what was done and exit 0."""
 
 
+class _Unusable(Exception):
+    """A valid profile this daemon cannot run (wire: wireguard, for now): exit EX_CONFIG."""
+
+
+EX_CONFIG = 78  # as cli.EX_CONFIG: the unit's RestartPreventExitStatus= stops restarts
+
+
 class Daemon:
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
@@ -93,6 +100,9 @@ class Daemon:
             log.info("%s while starting: stopping", stop)
             self.cleanup()
             return 0
+        except _Unusable as error:
+            log.error("%s", error)
+            return EX_CONFIG
         except Exception as error:  # noqa: BLE001 - any set-up failure: undo, report, exit 1
             # A refusal (OSError, InstanceError) says it all; anything else is a bug.
             bug = not isinstance(error, (OSError, instance.InstanceError))
@@ -112,6 +122,9 @@ class Daemon:
 
     def start(self) -> None:
         p = self.profile
+        if p.wire != "plain":  # before the lock, the TUN or anything else is touched
+            raise _Unusable(f"wire: {p.wire} is not carried by this version of the daemon yet; "
+                            "`tunvpnd check` validates the profile")
         # The lock first: a second daemon on this profile must not touch anything of ours.
         self.lock_fd = instance.lock_instance(p.name)
         check_free(p.ifname)  # an interface we did not create is never adopted
@@ -289,7 +302,7 @@ class Daemon:
             self.notify("READY=1", f"STATUS=reload failed, running on the old profile; "
                         f"{self.status()}")
             return
-        for key in ("mode", "listen", "ifname", "forward"):
+        for key in ("mode", "listen", "ifname", "forward", "wire"):
             if getattr(new, key) != getattr(old, key):
                 log.warning("%s changed: restart the service to apply it", key)
                 new = replace(new, **{key: getattr(old, key)})
