@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, client_profile, ping, server_profile, tun_links
+from tests.conftest import REPO, client_profile, ping, server_profile
 from tests.test_reload import reload
 from tunvpnd.profile import PeerConfig, ProfileError, load_profile
 from tunvpnd.wireguard.keys import (
@@ -433,21 +433,6 @@ def test_plain_check_summary_is_unchanged(tmp_path):
     result = tunvpnd("check", str(REPO / "etc/tunvpn/client.yaml"), cwd=tmp_path)
     assert result.returncode == 0
     assert "wireguard" not in result.stdout and "public key" not in result.stdout
-
-
-def test_run_refuses_a_wireguard_profile_before_touching_anything(keys, tmp_path, lab):
-    profile = tmp_path / "c.yaml"
-    profile.write_text(keys.client_text())
-    # in a lab host, so that a regression could not put a TUN on this machine's own network
-    result = lab.run("hostu", [sys.executable, "-m", "tunvpnd", "run", str(profile)],
-                     env={"TUNVPN_RUN_DIR": str(tmp_path / "run")})
-    assert result.returncode == EX_CONFIG, result.stderr
-    assert ("wire: wireguard is not carried by this version of the daemon yet; `tunvpnd check` "
-            "validates the profile") in result.stderr
-    assert "Traceback" not in result.stderr
-    no_secrets(result.stdout + result.stderr, keys)
-    assert tun_links(lab, "hostu") == []
-    assert not (tmp_path / "run").exists()  # not even the instance lock was taken
 
 
 def test_reload_to_wire_wireguard_keeps_the_plain_tunnel_running(lab, daemons):

@@ -37,6 +37,8 @@ DROP_REASONS = (
     "endpoint_limit",  # a new source from an endpoint holding max_addresses_per_endpoint already
     "bad_endpoint",    # a peer's datagram from an address other than its pinned endpoint
     "address_held",    # inner source held by another endpoint: dropped, the holder challenged
+    "not_allowed",     # an authenticated peer's packet whose inner source is not in its
+                       # allowed IPs (cryptokey routing; wireguard)
     "no_peer",         # from the TUN: no peer's allowed IPs hold the destination
     "no_endpoint",     # the peer is known but has not told us where it is yet
     "send_failed",     # socket buffer full or the network said no
@@ -45,8 +47,9 @@ DROP_REASONS = (
 
 
 class Counters:
+    # staged: packets the wire keeps until a handshake completes (wireguard): not a drop
     __slots__ = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "keepalives", "challenges",
-                 *DROP_REASONS)
+                 "staged", *DROP_REASONS)
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -150,17 +153,22 @@ class Core:
         self.send_from = peer.local
         if self.log_packet is not None:
             self.log_packet("From tun ==>", packet)
-        return self.wire.seal(packet, peer), peer.endpoint
+        datagram = self.wire.seal(packet, peer)
+        if datagram is None:  # kept by the wire until its handshake completes
+            counters.staged += 1
+            return None
+        return datagram, peer.endpoint
 
     def inbound(self, datagram: memoryview, source: tuple) -> memoryview | None:
         """A datagram from `source`: the packet to write to the TUN, or None.
 
         None also for a keepalive; if it deserves an answer, `self.reply` says what and where.
+        A wire that proves the sender (wireguard) gets the cryptokey-routing check instead of
+        the plain wire's control packets and learning: the inner source must be that peer's.
         """
         counters = self.counters
         opened = self.wire.open(datagram, source)
-        if opened is None:
-            counters.malformed += 1
+        if opened is None:  # consumed or dropped by the wire (which counts its drops)
             return None
         peer, packet = opened
         if not packet:
@@ -170,13 +178,18 @@ class Core:
         if not version:
             counters.malformed += 1
             return None
-        # One length comparison on ordinary packets: only a bare header can be a control packet.
-        if len(packet) == HEADER_ONLY[version] and self._control(peer, version, packet, source):
-            return None
-        if peer is None:
+        if peer is None:  # plain: whoever the inner source says
+            # One length comparison on ordinary packets: only a bare header can be a control
+            # packet.
+            if len(packet) == HEADER_ONLY[version] and self._control(None, version, packet,
+                                                                     source):
+                return None
             peer = self._sender(version, ip.source(packet, version), source)
             if peer is None:
                 return None
+        elif self.peers.lookup(version, ip.source(packet, version)) is not peer:
+            counters.not_allowed += 1
+            return None
         n = len(packet)
         counters.rx_packets += 1
         counters.rx_bytes += n

@@ -145,26 +145,44 @@ class Forwarder:
         for fd in (tun_fd, sock_fd, wake_fd):
             poller.register(fd, select.EPOLLIN)
         core = self.core
+        wire = core.wire
+        outbox = wire.outbox  # what the wire has to send of its own (wireguard), else empty
         if self.offloads:
             pump_tun, pump_socket = self.pump_tun_offload, self.pump_socket_offload
         else:
             pump_tun, pump_socket = self.pump_tun, self.pump_socket
         self.running = True
         next_tick = 0.0
+        # One clock read per wake-up, after poll(): the pumps see the time their packets came.
+        now = core.now = wire.now = time.monotonic()
         try:
             while self.running:
-                now = core.now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + on_tick(now)
-                for fd, _ in poller.poll(max(0.0, next_tick - now)):
+                    if outbox:
+                        self.send_outbox()
+                events = poller.poll(max(0.0, next_tick - now))
+                now = core.now = wire.now = time.monotonic()
+                for fd, _ in events:
                     if fd == tun_fd:
                         pump_tun()
                     elif fd == sock_fd:
                         pump_socket()
                     else:
                         on_wake()
+                if outbox:
+                    self.send_outbox()
         finally:
             poller.close()
+
+    def send_outbox(self) -> None:
+        """The wire's own datagrams (handshakes, cookie replies, keepalives, packets that
+        waited for a handshake), in order, then forgotten."""
+        outbox = self.core.wire.outbox
+        send = self.send
+        for payload, endpoint in outbox:
+            send(payload, endpoint)
+        outbox.clear()
 
     def stop(self) -> None:
         self.running = False

@@ -29,7 +29,7 @@ class Peer:
     __slots__ = (
         "name", "allowed_ips", "pinned_host", "pinned_port", "pinned_scope", "endpoint",
         "learned", "last_rx", "last_tx", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
-        "local", "roams",
+        "local", "roams", "session",
     )
 
     def __init__(
@@ -56,6 +56,7 @@ class Peer:
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
         self.local = None  # our address its datagrams arrive at, for replies (core.received_at)
         self.roams = roams
+        self.session = None  # wireguard: its tunvpnd.wireguard.session.Session (wire.py)
 
     def accepts_endpoint(self, source: tuple) -> bool:
         if not self.roams:

@@ -53,13 +53,6 @@ class _StoppedDuringStart(Exception):
     """SIGTERM/SIGINT arrived while starting: undo what was done and exit 0."""
 
 
-class _Unusable(Exception):
-    """A valid profile this daemon cannot run (wire: wireguard, for now): exit EX_CONFIG."""
-
-
-EX_CONFIG = 78  # as cli.EX_CONFIG: the unit's RestartPreventExitStatus= stops restarts
-
-
 class Daemon:
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
@@ -73,6 +66,7 @@ class Daemon:
         self.forwarder: Forwarder | None = None
         self.server_peer: Peer | None = None
         self.core: Core | None = None
+        self.device = None  # wire: wireguard: the tunvpnd.wireguard.device.Device
         self._resolving: threading.Thread | None = None
         self._resolved: tuple | None = None
         self._resolved_for: tuple | None = None  # the profile's server that _resolved is for
@@ -100,9 +94,6 @@ class Daemon:
             log.info("%s while starting: stopping", stop)
             self.cleanup()
             return 0
-        except _Unusable as error:
-            log.error("%s", error)
-            return EX_CONFIG
         except Exception as error:  # noqa: BLE001 - any set-up failure: undo, report, exit 1
             # A refusal (OSError, InstanceError) says it all; anything else is a bug.
             bug = not isinstance(error, (OSError, instance.InstanceError))
@@ -122,9 +113,6 @@ class Daemon:
 
     def start(self) -> None:
         p = self.profile
-        if p.wire != "plain":  # before the lock, the TUN or anything else is touched
-            raise _Unusable(f"wire: {p.wire} is not carried by this version of the daemon yet; "
-                            "`tunvpnd check` validates the profile")
         # The lock first: a second daemon on this profile must not touch anything of ours.
         self.lock_fd = instance.lock_instance(p.name)
         check_free(p.ifname)  # an interface we did not create is never adopted
@@ -148,6 +136,7 @@ class Daemon:
 
         peers = PeerTable()
         pktinfo = False
+        wire = PlainWire() if p.wire == "plain" else self._wireguard_wire(p)
         if p.mode == "client":
             family = transport.client_family(p.server[0])
             self.sock = transport.open_udp("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
@@ -161,7 +150,10 @@ class Daemon:
             pktinfo = transport.enable_pktinfo(self.sock)  # answer from the address asked
             for peer in self._configured_peers(p):
                 peers.add(peer)
-        self.core = Core(peers, PlainWire(), echo_keepalives=p.mode == "server")
+        if self.device is not None:
+            self._attach_sessions(p, peers)
+        # WireGuard has keepalives of its own (passive and persistent): no plain echo
+        self.core = Core(peers, wire, echo_keepalives=p.mode == "server" and p.wire == "plain")
         self.forwarder = Forwarder(self.tun_fd, self.sock, self.core, offloads, pktinfo)
         self._apply_logging(p)
         self._apply_learning(p)
@@ -174,6 +166,9 @@ class Daemon:
                  " ".join(map(str, p.addresses)), p.mtu,
                  f"routes {' '.join(map(str, p.routes))}" if p.routes else "no routes", where)
         log.info("offloads: %s", self.forwarder.describe_offloads())
+        if self.device is not None:
+            log.info("wireguard: public key %s, %d peers", self._encode(self.device.public_key),
+                     len(self.device.peers))
         self._stop_point()
         self.notify("READY=1", f"STATUS={self.status()}")
 
@@ -306,6 +301,9 @@ class Daemon:
             if getattr(new, key) != getattr(old, key):
                 log.warning("%s changed: restart the service to apply it", key)
                 new = replace(new, **{key: getattr(old, key)})
+        if new.private_key != old.private_key:  # our identity: every session would be lost
+            log.warning("private_key_file changed: restart the service to apply it")
+            new = replace(new, private_key=old.private_key, public_key=old.public_key)
         try:
             if (new.addresses, new.mtu) != (old.addresses, old.mtu):
                 self.netconf.setup_interface(self.ifname, new.addresses, new.mtu)
@@ -316,6 +314,9 @@ class Daemon:
             log.error("reload: could not apply interface settings: %s", error)
         if new.peers != old.peers:
             self._replace_peers(new)
+        elif self.device is not None and self._wireguard_peers(new) != \
+                self._wireguard_peers(old):  # a client's server key, psk or keepalive
+            self._attach_sessions(new, self.core.peers)
         self.profile = new
         self._apply_logging(new)
         self._apply_learning(new)
@@ -338,6 +339,8 @@ class Daemon:
                               "tx_bytes", "local"):
                     setattr(peer, field, getattr(before, field))
             table.add(peer)
+        if self.device is not None:  # sessions of unchanged keys are kept
+            self._attach_sessions(profile, table)
         if not profile.peers:  # still learning: keep the clients we have
             for peer in old.values():
                 if peer.learned:
@@ -348,10 +351,73 @@ class Daemon:
         log.info("peers: %s%s", ", ".join(names) or "none yet (learning)",
                  f" and {more} more" if more > 0 else "")
 
+    # -- wireguard --------------------------------------------------------------------------
+
+    def _wireguard_wire(self, profile: Profile):
+        """The Device for our private key, and the wire around it (peers: _attach_sessions)."""
+        from .wire import WireGuardWire
+        from .wireguard.device import Device  # here: a plain daemon never loads the crypto
+
+        self.device = Device(profile.private_key, wall_offset=time.time() - time.monotonic())
+        return WireGuardWire(self.device)
+
+    def _wireguard_peers(self, profile: Profile) -> list[tuple]:
+        """(public key, psk, endpoint, persistent keepalive) per peer, in profile order: the
+        client's one peer is its server (its endpoint comes from resolving `server`)."""
+        if profile.mode == "client":
+            return [(profile.server_public_key, profile.preshared_key, None, profile.keepalive)]
+        family = self.sock.family
+        found = []
+        for config in profile.peers:
+            endpoint = None
+            if config.endpoint is not None:
+                endpoint = Peer(config.name, (), pinned=config.endpoint).pinned_sockaddr(family)
+            found.append((config.public_key, config.preshared_key, endpoint, profile.keepalive))
+        return found
+
+    def _attach_sessions(self, profile: Profile, table: PeerTable) -> None:
+        """Make the Device's peers those of `profile` (a reload keeps the sessions of keys
+        that stay) and tie each Session to its Peer in `table`."""
+        wanted = self._wireguard_peers(profile)
+        self.device.replace_peers(wanted)
+        peers = [self.server_peer] if profile.mode == "client" else \
+            [peer for peer in table.peers if not peer.learned]
+        for peer, (key, *_rest) in zip(peers, wanted, strict=True):
+            session = self.device.peers[key]
+            session.mtu = profile.mtu
+            session.user, peer.session = peer, session
+            if session.endpoint is None and peer.endpoint is not None:  # a client's server
+                session.endpoint = peer.endpoint
+            peer.endpoint = session.endpoint  # where it was last heard from, if it roamed
+
+    @staticmethod
+    def _encode(key: bytes) -> str:
+        from .wireguard.keys import encode_key
+        return encode_key(key)
+
+    def _handshakes(self, now: float) -> str:
+        """'hostu up, handshake 12s ago' per peer (the first PEERS_LISTED), for STATUS."""
+        parts = []
+        wall = time.time()
+        for peer in itertools.islice(self.core.peers.peers, PEERS_LISTED):
+            session = peer.session
+            if session is None:
+                continue
+            up = session.current is not None
+            when = session.last_handshake_wall
+            parts.append(f"{peer.name} {'up' if up else 'down'}, " +
+                         (f"handshake {max(0, int(wall - when))}s ago" if when is not None
+                          else "no handshake yet"))
+        more = len(self.core.peers) - len(parts)
+        return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
     def _configured_peers(self, profile: Profile) -> list[Peer]:
         family = self.sock.family
         peers = []
         for config in profile.peers:
+            if profile.wire == "wireguard":  # its endpoint is a starting point: the Session's
+                peers.append(Peer(config.name, config.allowed_ips))
+                continue
             peer = Peer(config.name, config.allowed_ips, pinned=config.endpoint)
             peer.endpoint = peer.pinned_sockaddr(family)  # None without a pinned port
             if peer.pinned_scope == -1:
@@ -376,8 +442,10 @@ class Daemon:
                                max_per_endpoint=profile.max_addresses_per_endpoint)
 
     def _apply_addresses(self, profile: Profile) -> None:
-        # A client's keepalives announce its tunnel addresses, and it answers challenges for them
-        self.core.set_addresses(profile.addresses if profile.mode == "client" else ())
+        # A client's keepalives announce its tunnel addresses, and it answers challenges for
+        # them (plain only: WireGuard proves who sends)
+        self.core.set_addresses(profile.addresses if profile.mode == "client"
+                                and profile.wire == "plain" else ())
 
     # -- timers -----------------------------------------------------------------------------
 
@@ -393,7 +461,9 @@ class Daemon:
             self._expire_peers(now)
             self._report_refusals(now)
             self._settle_claims()
-        if p.keepalive:
+        if self.device is not None:  # WireGuard's timers: handshakes, keepalives, expiry
+            self.device.tick(now, time.time())
+        elif p.keepalive:
             for keepalive in self.core.keepalives_due(p.keepalive):
                 self.forwarder.send(*keepalive)
         if now >= self._next_status:
@@ -457,7 +527,8 @@ class Daemon:
                 # our address may have changed: reconnect if the kernel picks another source
                 self._connect(now, self.server_peer.endpoint)
         keepalive = self.profile.keepalive
-        if not keepalive or self.server_peer.endpoint is None:
+        # WireGuard's server does not answer keepalives: silence there says nothing
+        if not keepalive or self.server_peer.endpoint is None or self.device is not None:
             return
         # silent since the last reply, or since we first reached the server if none came yet
         heard = max(self.server_peer.last_rx, self._connected_at)
@@ -534,6 +605,11 @@ class Daemon:
                                    + f": {error.strerror or error}")
             return
         self._retry, self._resolve_delay = False, 1.0
+        session = self.server_peer.session
+        if session is not None and session.endpoint != endpoint:  # wireguard: reach it there
+            session.endpoint = endpoint
+            if session.persistent_keepalive:
+                session.persistent_at = now  # handshake at once (the next tick)
         if endpoint != self.server_peer.endpoint:
             self.core.peers.move(self.server_peer, endpoint)
             # idle from now: the first keepalive goes out one interval later, not at once
@@ -545,6 +621,8 @@ class Daemon:
                      self._server_text(), transport.format_host(source),
                      transport.format_host(before) if before else "none")
             self.server_peer.last_tx = float("-inf")  # tell the server at once where we are
+            if session is not None and session.current is not None:
+                session.send_keepalive(now)  # wireguard: it roams on an authentic datagram
         elif retrying:
             log.info("server %s is reachable again", self._server_text())
 
@@ -569,11 +647,18 @@ class Daemon:
                    if server and server.endpoint else f"resolving {self._server_text()}")
         else:
             who = f"{len(self.core.peers) if self.core else 0} peers"
-        drops = ", ".join(f"{k} {v}" for k, v in c.drops().items())
+        drops = c.drops()
+        if self.core is not None:
+            drops.update(self.core.wire.drops())  # the wire's reasons do not overlap ours
+        dropped = sum(drops.values())
+        drops = ", ".join(f"{k} {v}" for k, v in drops.items())
         text = (f"{who}; rx {c.rx_packets} pkts {c.rx_bytes} B, tx {c.tx_packets} pkts "
-                f"{c.tx_bytes} B, dropped {c.dropped}" + (f" ({drops})" if drops else "")
+                f"{c.tx_bytes} B, dropped {dropped}" + (f" ({drops})" if drops else "")
                 + (f", keepalives {c.keepalives}" if c.keepalives else "")
-                + (f", challenges {c.challenges}" if c.challenges else ""))
+                + (f", challenges {c.challenges}" if c.challenges else "")
+                + (f", staged {c.staged}" if c.staged else ""))
+        if self.device is not None and self.core is not None:
+            text += f"; {self._handshakes(time.monotonic())}"
         return text.encode("ascii", "replace").decode()
 
     def notify(self, *fields: str) -> None:

@@ -1,31 +1,48 @@
 """The wire format seam: how a packet becomes a datagram and back, and whose datagram it is.
 
-Everything that knows what travels inside the UDP payload lives behind this small interface, so
-an authenticated, encrypted transport can replace `PlainWire` without touching the loop or the
-peer table.
+Everything that knows what travels inside the UDP payload lives behind this small interface:
+`PlainWire` (the lab's cleartext format) and `WireGuardWire` (the WireGuard protocol, through
+the sans-I/O tunvpnd.wireguard.device.Device). The loop, the peer table, the counters and the
+offload fast path are the same code for both.
 """
 
-from typing import Protocol
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
 
 from .peers import Peer
+
+if TYPE_CHECKING:  # plain mode never imports the WireGuard code (nor `cryptography`)
+    from .wireguard.device import Device
 
 
 class Wire(Protocol):
     name: str
     overhead: int  # bytes added to each packet; the default MTU leaves room for 32
+    now: float     # monotonic seconds, set by the loop once per wake-up
+    # datagrams the wire wants sent, (payload, endpoint): the loop sends and clears them after
+    # each pump and each tick (handshakes, cookie replies, keepalives, staged packets)
+    outbox: list
 
-    def seal(self, packet: memoryview, peer: Peer) -> memoryview | bytes:
-        """The datagram payload that carries `packet` to `peer`."""
+    def seal(self, packet: memoryview, peer: Peer) -> memoryview | bytes | None:
+        """The datagram payload that carries `packet` to `peer`, or None: the wire keeps the
+        packet for later (staged until a handshake completes; not a drop)."""
         ...
 
     def open(self, datagram: memoryview, source: tuple) -> tuple[Peer | None, memoryview] | None:
         """(the peer the datagram proves it is from, or None to look it up by inner source;
-        the inner packet) or None when the datagram is not ours. A zero-length inner packet is a
-        keepalive; a header-only ANNOUNCE or CHALLENGE inside is consumed by the core too."""
+        the inner packet), or None when the wire consumed the datagram (a handshake message)
+        or dropped it; the wire counts its own drops (`drops()`). A zero-length inner packet
+        is a keepalive; a header-only ANNOUNCE or CHALLENGE inside is consumed by the core too
+        (plain only: a wire that proves the peer needs neither)."""
         ...
 
     def keepalive(self, peer: Peer) -> bytes:
         """A datagram that only says 'I am here'."""
+        ...
+
+    def drops(self) -> dict[str, int]:
+        """The wire's own drop counters, by reason (non-zero only)."""
         ...
 
 
@@ -45,6 +62,8 @@ class PlainWire:
 
     name = "plain"
     overhead = 0
+    now = 0.0
+    outbox: list = []  # never filled: this wire has nothing of its own to send
 
     def seal(self, packet: memoryview, peer: Peer) -> memoryview:
         return packet
@@ -54,3 +73,69 @@ class PlainWire:
 
     def keepalive(self, peer: Peer) -> bytes:
         return b""  # an empty datagram, as WireGuard's keepalive is an empty data packet
+
+    def drops(self) -> dict[str, int]:
+        return {}
+
+
+_TRANSPORT = 4       # the first byte of a WireGuard transport (data) message
+_KEEPALIVE_SIZE = 32  # a transport message with an empty plaintext
+
+
+class WireGuardWire:
+    """The WireGuard protocol: each configured Peer has its Session (`peer.session`, and
+    `session.user` is the Peer), made by the service from the profile.
+
+    Outbound, the core has already chosen the Peer by longest prefix on the destination; its
+    Session seals the packet, or stages it while a handshake runs (seal returns None). The
+    endpoint is the Session's: it follows the peer's latest authenticated datagram (the
+    Device's roaming), and seal/open copy it to `peer.endpoint` for the core and STATUS.
+
+    Inbound, the Device authenticates and decrypts; open returns the Session's Peer, so the
+    core checks that the inner source lies in that peer's allowed IPs (cryptokey routing) and
+    never runs the plain wire's learning, ANNOUNCE or CHALLENGE. Handshake messages and cookie
+    replies are consumed here (what they answer goes to `outbox`), keepalives come back as
+    (peer, b"") so the core counts them, and every drop is counted in the Device's `drops`.
+    """
+
+    name = "wireguard"
+    overhead = 32  # 16-byte header + 16-byte tag (padding to 16 bytes stays within the MTU)
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self.outbox = device.outbox  # the same list: the Device appends, the loop drains
+        self.now = 0.0
+
+    def seal(self, packet: memoryview, peer: Peer) -> bytes | None:
+        session = peer.session
+        datagram = session.encapsulate(packet, self.now)
+        peer.endpoint = session.endpoint  # read by the core right after this call
+        return datagram
+
+    def open(self, datagram: memoryview, source: tuple) -> tuple[Peer, bytes] | None:
+        device = self.device
+        n = len(datagram)
+        if n < _KEEPALIVE_SIZE or datagram[0] != _TRANSPORT:
+            # a handshake message, a cookie reply or garbage: the slow path, on bytes
+            device.receive(bytes(datagram), source, self.now)
+            return None
+        device.last_drop = None
+        opened = device.receive(datagram, source, self.now)
+        if opened is not None:
+            session, packet = opened
+            peer = session.user
+            peer.endpoint = session.endpoint
+            return peer, packet
+        if n == _KEEPALIVE_SIZE and device.last_drop is None:  # authentic and empty
+            session = device.index[int.from_bytes(datagram[4:8], "little")][0]
+            peer = session.user
+            peer.endpoint = session.endpoint
+            return peer, b""
+        return None
+
+    def keepalive(self, peer: Peer) -> bytes:
+        """Not used: the Sessions send WireGuard's keepalives themselves (in outbox)."""
+        raise NotImplementedError("WireGuard keepalives come from the Session's timers")
+
+    def drops(self) -> dict[str, int]:
+        return {reason: count for reason, count in self.device.drops.items() if count}

@@ -136,7 +136,8 @@ class Session:
         if len(self.staged) >= STAGED_MAX:
             self.staged.popleft()
             self.device.count_drop("staged_overflow")
-        self.staged.append(packet)
+        # a copy: the caller's packet may be a view of a buffer the next read overwrites
+        self.staged.append(bytes(packet))
 
     def send_keepalive(self, now: float) -> None:
         """SendKeepalive: an empty packet unless data is already staged, then send them."""
