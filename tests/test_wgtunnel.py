@@ -19,6 +19,7 @@ import time
 import pytest
 
 from tests.conftest import in_ns, ping
+from tests.test_reload import reload
 from tests.test_wginterop import WireguardGo
 from tunvpnd.wireguard import keys as wgkeys
 
@@ -303,3 +304,30 @@ def test_wireguard_go_client_to_tunvpnd_server(lab, daemons, sockdir, wggo_facto
     status = server.wait_status(lambda s: "hostu up, handshake" in s)
     assert "dropped 0" in status, status
     no_secrets(server.log(), keys)
+
+
+def test_reload_adds_a_peer_and_keeps_the_running_session(lab, daemons, sockdir):
+    """SIGHUP with one more peer: hostu's session (its keypair) stays, no new handshake, not
+    one ping lost around the reload; the new peer is there."""
+    keys = Keys(sockdir)
+    server = daemons(lab, "server", server_text(keys))
+    daemons(lab, "hostu", client_text(keys), name="client")
+    ping(lab, "hostu", HOSTV, count=1)
+
+    def handshake_age(status: str) -> int:
+        found = re.search(r"hostu up, handshake (\d+)s ago", status)
+        return int(found.group(1)) if found else -1
+
+    server.wait_status(lambda s: handshake_age(s) >= 2, timeout=20)
+    pinger = lab.spawn("hostu", ["ping", "-c", "20", "-i", "0.1", "-W", "1", HOSTV])
+    other = wgkeys.encode_key(wgkeys.public_key(os.urandom(32)))
+    server.profile.write_text(server_text(keys, extra_peers=f"""\
+  - name: newcomer
+    public_key: {other}
+    allowed_ips: [192.168.53.77/32]
+"""))
+    reload(server)
+    assert pinger.wait(30) == 0
+    status = server.wait_status(lambda s: "newcomer down" in s)
+    assert handshake_age(status) >= 2, status   # the same handshake, not a new one
+    assert "dropped 0" in status
