@@ -153,17 +153,14 @@ class Forwarder:
             pump_tun, pump_socket = self.pump_tun, self.pump_socket
         self.running = True
         next_tick = 0.0
-        # One clock read per wake-up, after poll(): the pumps see the time their packets came.
-        now = core.now = wire.now = time.monotonic()
         try:
             while self.running:
+                now = core.now = wire.now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + on_tick(now)
                     if outbox:
                         self.send_outbox()
-                events = poller.poll(max(0.0, next_tick - now))
-                now = core.now = wire.now = time.monotonic()
-                for fd, _ in events:
+                for fd, _ in poller.poll(max(0.0, next_tick - now)):
                     if fd == tun_fd:
                         pump_tun()
                     elif fd == sock_fd:
