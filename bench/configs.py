@@ -370,6 +370,53 @@ class PythonFloor(Tunnel):
         configure_tun(lab, {"server": self.IFNAME, "hostu": self.IFNAME})
 
 
+class TunvpndWireGuard(Tunvpnd):
+    """Our daemons on the secure wire: the wg-*.yaml example profiles with fresh keys (and a
+    preshared key) written beside copies of them in the run's directory."""
+
+    def __init__(self) -> None:
+        super().__init__(name=WIREGUARD)
+
+    def start(self, lab: Lab, workdir: Path) -> None:
+        from tunvpnd.wireguard.keys import (
+            encode_key,
+            generate_private,
+            generate_psk,
+            public_key,
+            write_key_file,
+        )
+
+        keys = {role: generate_private() for role in ("server", "client")}
+        psk = generate_psk()
+        for role, key in keys.items():
+            write_key_file(workdir / f"wg-{role}.key", key)
+        for role in ("server", "client"):
+            write_key_file(workdir / f"wg-{role}.psk", psk)
+        server = _edit(EXAMPLES / "wg-server.yaml", {
+            "X1zOuLTFQXGx8W70q9dK/430GoQloihiXw2qZ2NOtGE=": encode_key(public_key(keys["client"])),
+            "# preshared_key_file: hostu.psk": "preshared_key_file: wg-server.psk"})
+        client = _edit(EXAMPLES / "wg-client.yaml", {
+            "ADQWW02LysytVpqcm1xrw7yzlUHZ74b+QSsFsam0hG4=": encode_key(public_key(keys["server"])),
+            "# preshared_key_file: wg-client.psk": "preshared_key_file: wg-client.psk"})
+        for role, text in (("server", server), ("hostu", client)):
+            profile = workdir / f"wg-{'server' if role == 'server' else 'client'}.yaml"
+            profile.write_text(text)
+            self.profiles[role] = profile
+        super().start(lab, workdir)
+
+
+def _edit(example: Path, replacements: dict[str, str]) -> str:
+    """The example profile's text with each placeholder replaced; an error if one is missing
+    (the example changed: better to fail here than to measure a tunnel that never comes up)."""
+    text = example.read_text()
+    for old, new in replacements.items():
+        if old not in text:
+            raise RuntimeError(f"{example}: no {old!r} to replace")
+        text = text.replace(old, new)
+    return text
+
+
+WIREGUARD = "tunvpnd-wireguard"
 BASELINE = "tunvpnd-baseline"
 
 
@@ -383,8 +430,8 @@ def baseline(checkout: Path) -> Tunvpnd:
 def all_configs(baseline_checkout: Path | None = None) -> list[Tunnel]:
     """A fresh instance of every configuration, in table order."""
     before = [baseline(baseline_checkout)] if baseline_checkout else []
-    return [Routing(), Tunvpnd(), *before, OpenVPN(), OpenVPN(tuned=True), OpenVPNAES(),
-            WireGuardGo(), PythonFloor()]
+    return [Routing(), Tunvpnd(), *before, TunvpndWireGuard(), OpenVPN(), OpenVPN(tuned=True),
+            OpenVPNAES(), WireGuardGo(), PythonFloor()]
 
 
 CONFIG_NAMES = [c.name for c in all_configs()]

@@ -26,11 +26,16 @@ def summarize_rounds(rounds: list[dict]) -> dict[str, dict | None]:
     return {k: summarize([r.get(k) for r in rounds]) for k in keys}
 
 
-def ratios(summary: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """tunvpnd / X of the medians, for each base X that has results."""
-    ours = summary.get("tunvpnd") or {}
+# the secure wire against the other encrypted tunnels, and against plain tunvpnd
+SECURE_RATIO_BASES = ("wireguard-go", "openvpn-aes", "tunvpnd")
+
+
+def ratios(summary: dict[str, dict], ours_name: str = "tunvpnd",
+           bases: tuple[str, ...] = RATIO_BASES) -> dict[str, dict[str, float]]:
+    """OURS / X of the medians, for each base X that has results."""
+    ours = summary.get(ours_name) or {}
     out: dict[str, dict[str, float]] = {}
-    for base in RATIO_BASES:
+    for base in bases:
         theirs = summary.get(base) or {}
         row = {}
         for metric in RATIO_METRICS:
@@ -75,8 +80,8 @@ def main_table(summary: dict[str, dict]) -> str:
     return table(rows, ["median (min-max)", *configs])
 
 
-def ratio_table(found: dict[str, dict[str, float]]) -> str:
-    rows = [(f"tunvpnd / {base}", [f"{found[base][m]:.2f}" if m in found[base] else "-"
+def ratio_table(found: dict[str, dict[str, float]], ours_name: str = "tunvpnd") -> str:
+    rows = [(f"{ours_name} / {base}", [f"{found[base][m]:.2f}" if m in found[base] else "-"
                                    for m in RATIO_METRICS]) for base in found]
     return table(rows, ["ratio of medians", *(METRICS[m] for m in RATIO_METRICS)])
 

@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 import report
-from configs import BASELINE, CONFIG_NAMES, Tunnel, all_configs
+from configs import BASELINE, CONFIG_NAMES, WIREGUARD, Tunnel, all_configs
 from measure import Options, measure, wait_reachable
 from scale import measure_scale
 
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": {n: rounds[n] for n in configs},
         "summary": summary,
         "ratios": report.ratios(summary),
+        "ratios_wireguard": report.ratios(summary, WIREGUARD, report.SECURE_RATIO_BASES),
     }
     if SCALE in rounds and rounds[SCALE]:
         results["scale"] = {"peers": args.peers, "rounds": rounds[SCALE],
@@ -215,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     if results["ratios"]:
         say("")
         say(report.ratio_table(results["ratios"]))
+    if results["ratios_wireguard"]:
+        say("")
+        say(report.ratio_table(results["ratios_wireguard"], WIREGUARD))
     if "scale" in results:
         say("")
         say(report.scale_table(results["scale"]))

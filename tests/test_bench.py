@@ -10,8 +10,8 @@ import sys
 
 from tests.conftest import REPO
 
-CONFIGS = ("routing", "tunvpnd", "openvpn-none", "openvpn-tuned", "openvpn-aes", "wireguard-go",
-           "python-floor")
+CONFIGS = ("routing", "tunvpnd", "tunvpnd-wireguard", "openvpn-none", "openvpn-tuned",
+           "openvpn-aes", "wireguard-go", "python-floor")
 
 
 def test_quick_benchmark_measures_every_configuration(tmp_path):
@@ -33,6 +33,8 @@ def test_quick_benchmark_measures_every_configuration(tmp_path):
                                    "python-floor"}
     assert "tunvpnd / openvpn-tuned" in result.stdout
     assert "tunvpnd / openvpn-aes" in result.stdout
+    assert set(data["ratios_wireguard"]) == {"wireguard-go", "openvpn-aes", "tunvpnd"}
+    assert "tunvpnd-wireguard / wireguard-go" in result.stdout
     # openvpn-aes is the encrypted OpenVPN it claims to be: TLS, and AES-256-GCM on the data
     # channel as OpenVPN itself reports it; openvpn-none really is cleartext
     aes = data["rounds"]["openvpn-aes"][0]["tunnel"]
