@@ -69,16 +69,6 @@ def client_family(host: str) -> int:
     return socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
 
 
-def sockaddr(family: int, host: str, port: int) -> tuple:
-    """host:port as a socket of `family` reports it (dual-stack sockets see IPv4 v4-mapped)."""
-    host = str(ip_address(host))  # the spelling inet_ntop gives, as recvfrom() will report it
-    if family == socket.AF_INET6:
-        if family_of(host) == socket.AF_INET:
-            host = "::ffff:" + host
-        return (host, port, 0, 0)
-    return (host, port)
-
-
 def open_udp(host: str, port: int, family: int | None = None) -> socket.socket:
     """A non-blocking UDP socket bound to host:port, with large buffers.
 
