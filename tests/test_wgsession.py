@@ -47,7 +47,7 @@ class Pair:
             return
         dst = self.other(dev)
         got = dst.receive(bytes(datagram), A_EP if dev is self.a else B_EP, self.now)
-        if got is not None:
+        if got is not None and got[1]:      # keepalives are (session, b"")
             self.tun[dst].append(got[1])
 
     def pump(self) -> None:
@@ -134,7 +134,7 @@ def test_responder_sends_only_after_confirmation():
     assert p.sa.current is not None and p.sa.current.is_initiator
     keepalive = p.a.outbox.pop()[0]
     assert len(keepalive) == 32 and not p.a.outbox
-    assert p.b.receive(keepalive, A_EP, p.now) is None              # confirms b's keypair
+    assert p.b.receive(keepalive, A_EP, p.now) == (p.sb, b"")       # confirms b's keypair
     assert p.sb.current is not None and p.sb.next is None and not p.sb.staged
     staged = p.b.outbox.pop()[0]
     assert p.a.receive(staged, B_EP, p.now)[1] == ping(5, B_IP, A_IP)

@@ -138,7 +138,7 @@ class DeviceLoop:
                 continue
             got = self.dev.receive(data, source, time.monotonic())
             self.flush()
-            if got is not None:
+            if got is not None and got[1]:    # data, not a keepalive
                 return got[1]
 
     def report(self) -> dict:

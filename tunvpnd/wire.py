@@ -113,25 +113,17 @@ class WireGuardWire:
         return datagram
 
     def open(self, datagram: memoryview, source: tuple) -> tuple[Peer, bytes] | None:
-        device = self.device
-        n = len(datagram)
-        if n < _KEEPALIVE_SIZE or datagram[0] != _TRANSPORT:
+        if len(datagram) < _KEEPALIVE_SIZE or datagram[0] != _TRANSPORT:
             # a handshake message, a cookie reply or garbage: the slow path, on bytes
-            device.receive(bytes(datagram), source, self.now)
+            self.device.receive(bytes(datagram), source, self.now)
             return None
-        device.last_drop = None
-        opened = device.receive(datagram, source, self.now)
-        if opened is not None:
-            session, packet = opened
-            peer = session.user
-            peer.endpoint = session.endpoint
-            return peer, packet
-        if n == _KEEPALIVE_SIZE and device.last_drop is None:  # authentic and empty
-            session = device.index[int.from_bytes(datagram[4:8], "little")][0]
-            peer = session.user
-            peer.endpoint = session.endpoint
-            return peer, b""
-        return None
+        opened = self.device.receive(datagram, source, self.now)
+        if opened is None:
+            return None
+        session, packet = opened
+        peer = session.user
+        peer.endpoint = session.endpoint
+        return peer, packet
 
     def keepalive(self, peer: Peer) -> bytes:
         """Not used: the Sessions send WireGuard's keepalives themselves (in outbox)."""

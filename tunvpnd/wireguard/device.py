@@ -7,9 +7,10 @@ time: `now` is monotonic seconds; Unix time for TAI64N is `now + wall_offset` (t
 it at construction and keeps it fresh through `tick(now, wall)`).
 
 Output:
-- `receive()` returns `(session, packet)` for a decrypted data packet, else None. The caller
-  must do the cryptokey-routing check: the packet's inner source must lie in that session's
-  allowed IPs (the caller's peer table owns them; `session.user` is free for its entry).
+- `receive()` returns `(session, packet)` for an authenticated transport message, else None;
+  a keepalive is `(session, b"")`. The caller must do the cryptokey-routing check: the
+  packet's inner source must lie in that session's allowed IPs (the caller's peer table owns
+  them; `session.user` is free for its entry).
 - Datagrams to send collect in `outbox` as (datagram, endpoint); the caller sends and clears it
   after each call (or each batch). `Session.encapsulate()` returns its datagram directly.
 - Every drop is counted in `drops[reason]` (reasons: DROP_REASONS) and the last one is in
@@ -149,8 +150,9 @@ class Device:
 
     def receive(self, datagram: bytes, source: Endpoint, now: float
                 ) -> tuple[Session, bytes] | None:
-        """A datagram from `source`: (session, packet) for a data packet, else None (consumed:
-        a handshake, cookie or keepalive, or dropped: see `last_drop`)."""
+        """A datagram from `source`: (session, packet) for an authenticated transport message
+        (packet b"" for a keepalive), else None (consumed: a handshake message or cookie reply,
+        or dropped: see `last_drop`)."""
         size = len(datagram)
         if size >= 32 and datagram[:4] == TYPE_TRANSPORT:
             # The hot path: one dict lookup, open, replay check, timers.
@@ -186,7 +188,7 @@ class Device:
             if kp.is_initiator and now - kp.created > LAST_MINUTE_REKEY:
                 session.keep_key_fresh_receiving(now)
             if not packet:
-                return None                     # a keepalive
+                return session, packet          # a keepalive
             if session.keepalive_at is None:    # timersDataReceived
                 session.keepalive_at = now + KEEPALIVE_TIMEOUT
             else:
