@@ -182,7 +182,7 @@ def test_cookie_flow_under_load(dh_calls):
     before = len(dh_calls)
     assert b.receive(init, A_EP, p.now) is None and b.last_drop == "cookie_sent"
     assert len(dh_calls) == before
-    reply, where = b.outbox[-1]
+    reply, where, _local = b.outbox[-1]
     assert where == A_EP and len(reply) == 64 and reply[0] == 3
     assert p.a.receive(reply, B_EP, p.now) is None and p.a.last_drop is None
     assert not p.a.outbox                  # nothing resent at once
@@ -214,3 +214,24 @@ def test_rate_limit_under_load_with_valid_mac2():
     assert limiter.allow("y", now) and not limiter.allow("z", now)    # table full
     assert limiter.allow("z", now + 2)                      # idle ones swept
     assert len(limiter) <= 2
+
+
+def test_replies_leave_from_the_local_address_the_message_arrived_at():
+    """What the Device sends a peer carries the `local` note of that peer's latest
+    authenticated datagram; a cookie reply carries the one of the initiation it answers."""
+    p = Pair()
+    p.sa.initiate(p.now)
+    init = p.a.outbox.pop()[0]
+    p.b.receive(init, A_EP, p.now, local="asked")
+    response, endpoint, local = p.b.outbox.pop()
+    assert (endpoint, local) == (A_EP, "asked")
+    assert p.a.receive(response, B_EP, p.now, local="a-side") is None
+    keepalive, endpoint, local = p.a.outbox.pop()            # confirms b's keypair
+    assert (endpoint, local) == (B_EP, "a-side")
+    assert p.b.receive(keepalive, A_EP, p.now, local="asked") == (p.sb, b"")
+    p.sb.send_keepalive(p.now)
+    assert p.b.outbox.pop()[1:] == (A_EP, "asked")           # a timer's send, later
+    p.b._under_load_until = p.now + 10                       # noqa: SLF001 (force "under load")
+    p.b.receive(fake_initiation(p.b.public_key), ("10.9.0.66", 1), p.now, local="other")
+    assert p.b.outbox.pop()[1:] == (("10.9.0.66", 1), "other")
+    assert p.b.last_drop == "cookie_sent"

@@ -56,7 +56,7 @@ class Pair:
             for dev in (self.a, self.b):
                 out = list(dev.outbox)
                 dev.outbox.clear()
-                for datagram, _endpoint in out:
+                for datagram, _endpoint, _local in out:
                     moved = True
                     self._deliver(dev, datagram)
             if not moved:

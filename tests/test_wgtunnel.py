@@ -141,6 +141,30 @@ def test_tunvpnd_client_and_server(lab, daemons, sockdir, offload, psk):
     assert client.stop() == 0 and server.stop() == 0
 
 
+@pytest.mark.parametrize("underlay", ["4", "6"])
+def test_a_server_with_two_addresses_answers_the_handshake_from_the_one_asked(
+        lab, daemons, sockdir, underlay):
+    """The client's connected socket discards anything from another address: without the
+    arrival address kept for handshake replies (IP_PKTINFO), no handshake would complete."""
+    keys = Keys(sockdir)
+    if underlay == "6":
+        for role, address in (("server", "fd09::11/64"), ("hostu", "fd09::5/64"),
+                              ("server", "fd99::11/64")):
+            in_ns(lab, role, ["ip", "addr", "add", address, "dev", "eth0", "nodad"])
+        in_ns(lab, "hostu", ["ip", "-6", "route", "add", "fd99::/64", "via", "fd09::11"])
+        second, listen = "'[fd99::11]:9090'", "'[::]:9090'"
+    else:
+        in_ns(lab, "server", ["ip", "addr", "add", "10.99.0.11/24", "dev", "eth0"])
+        in_ns(lab, "hostu", ["ip", "route", "add", "10.99.0.0/24", "via", "10.9.0.11"])
+        second, listen = "10.99.0.11:9090", "0.0.0.0:9090"
+    server = daemons(lab, "server", server_text(keys).replace("0.0.0.0:9090", listen))
+    client = daemons(lab, "hostu", client_text(keys).replace("10.9.0.11:9090", second),
+                     name="client")
+    ping(lab, "hostu", HOSTV, count=3)
+    client.wait_status(lambda s: "server up, handshake" in s)
+    assert "dropped 0" in server.status()
+
+
 # --- hostile: replay, cryptokey routing -------------------------------------------------------
 
 # Run in HostU: capture one transport datagram the client sends to the server (a raw packet

@@ -78,7 +78,7 @@ class Pair:
             for side in (self.a, self.b):
                 out = list(side.wire.outbox)
                 side.wire.outbox.clear()
-                for datagram, _endpoint in out:
+                for datagram, _endpoint, _local in out:
                     moved = True
                     self.deliver(side, datagram)
             if not moved:
@@ -116,7 +116,7 @@ def test_keepalive_is_counted_not_malformed():
     p.send(p.a, echo(A_IP, HOSTV))
     p.a.wire.outbox.clear()
     p.server.session.send_keepalive(p.now)
-    ((keepalive, _),) = p.a.wire.outbox
+    ((keepalive, _, _),) = p.a.wire.outbox
     p.a.wire.outbox.clear()
     assert len(keepalive) == 32
     before = p.b.core.counters.keepalives

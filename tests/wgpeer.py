@@ -111,7 +111,7 @@ class DeviceLoop:
         self.next_tick = time.monotonic()
 
     def flush(self) -> None:
-        for datagram, endpoint in self.dev.outbox:
+        for datagram, endpoint, _local in self.dev.outbox:
             self.sock.sendto(datagram, endpoint)
         self.dev.outbox.clear()
 

@@ -167,7 +167,7 @@ class Core:
         the plain wire's control packets and learning: the inner source must be that peer's.
         """
         counters = self.counters
-        opened = self.wire.open(datagram, source)
+        opened = self.wire.open(datagram, source, self.received_at)
         if opened is None:  # consumed or dropped by the wire (which counts its drops)
             return None
         peer, packet = opened

@@ -177,8 +177,8 @@ class Forwarder:
         waited for a handshake), in order, then forgotten."""
         outbox = self.core.wire.outbox
         send = self.send
-        for payload, endpoint in outbox:
-            send(payload, endpoint)
+        for payload, endpoint, local in outbox:
+            send(payload, endpoint, local)
         outbox.clear()
 
     def stop(self) -> None:

@@ -20,8 +20,9 @@ class Wire(Protocol):
     name: str
     overhead: int  # bytes added to each packet; the default MTU leaves room for 32
     now: float     # monotonic seconds, set by the loop once per wake-up
-    # datagrams the wire wants sent, (payload, endpoint): the loop sends and clears them after
-    # each pump and each tick (handshakes, cookie replies, keepalives, staged packets)
+    # datagrams the wire wants sent, (payload, endpoint, local): the loop sends and clears them
+    # after each pump and each tick (handshakes, cookie replies, keepalives, staged packets);
+    # `local` is a `local` that open() was given (send from that address), or None
     outbox: list
 
     def seal(self, packet: memoryview, peer: Peer) -> memoryview | bytes | None:
@@ -29,8 +30,10 @@ class Wire(Protocol):
         packet for later (staged until a handshake completes; not a drop)."""
         ...
 
-    def open(self, datagram: memoryview, source: tuple) -> tuple[Peer | None, memoryview] | None:
-        """(the peer the datagram proves it is from, or None to look it up by inner source;
+    def open(self, datagram: memoryview, source: tuple, local: list | None
+             ) -> tuple[Peer | None, memoryview] | None:
+        """A datagram from `source` that arrived at `local` (the loop's note of our address,
+        or None): (the peer the datagram proves it is from, or None to look it up by inner source;
         the inner packet), or None when the wire consumed the datagram (a handshake message)
         or dropped it; the wire counts its own drops (`drops()`). A zero-length inner packet
         is a keepalive; a header-only ANNOUNCE or CHALLENGE inside is consumed by the core too
@@ -68,7 +71,8 @@ class PlainWire:
     def seal(self, packet: memoryview, peer: Peer) -> memoryview:
         return packet
 
-    def open(self, datagram: memoryview, source: tuple) -> tuple[None, memoryview]:
+    def open(self, datagram: memoryview, source: tuple, local: list | None
+             ) -> tuple[None, memoryview]:
         return None, datagram
 
     def keepalive(self, peer: Peer) -> bytes:
@@ -112,12 +116,14 @@ class WireGuardWire:
         peer.endpoint = session.endpoint  # read by the core right after this call
         return datagram
 
-    def open(self, datagram: memoryview, source: tuple) -> tuple[Peer, bytes] | None:
+    def open(self, datagram: memoryview, source: tuple, local: list | None
+             ) -> tuple[Peer, bytes] | None:
         if len(datagram) < _KEEPALIVE_SIZE or datagram[0] != _TRANSPORT:
-            # a handshake message, a cookie reply or garbage: the slow path, on bytes
-            self.device.receive(bytes(datagram), source, self.now)
+            # a handshake message, a cookie reply or garbage: the slow path, on bytes; what it
+            # answers (a response, a cookie reply) leaves from the address it came to
+            self.device.receive(bytes(datagram), source, self.now, local)
             return None
-        opened = self.device.receive(datagram, source, self.now)
+        opened = self.device.receive(datagram, source, self.now, local)
         if opened is None:
             return None
         session, packet = opened

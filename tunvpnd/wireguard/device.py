@@ -11,8 +11,11 @@ Output:
   a keepalive is `(session, b"")`. The caller must do the cryptokey-routing check: the
   packet's inner source must lie in that session's allowed IPs (the caller's peer table owns
   them; `session.user` is free for its entry).
-- Datagrams to send collect in `outbox` as (datagram, endpoint); the caller sends and clears it
-  after each call (or each batch). `Session.encapsulate()` returns its datagram directly.
+- Datagrams to send collect in `outbox` as (datagram, endpoint, local); the caller sends and
+  clears it after each call (or each batch). `local` is whatever the caller passed to
+  `receive()` with the peer's latest authenticated datagram (its note of the local address
+  that datagram arrived at), or None: replies leave from the address they were asked at.
+  `Session.encapsulate()` returns its datagram directly.
 - Every drop is counted in `drops[reason]` (reasons: DROP_REASONS) and the last one is in
   `last_drop`. Nothing unauthenticated creates state beyond the bounded rate-limit table, and a
   flood costs at most a MAC (and, under load, a cookie reply) per datagram, never a DH.
@@ -81,7 +84,7 @@ class Device:
         self._noise_peers: dict[bytes, noise.Peer] = {}
         # local index -> (session, keypair, replay filter); keypair None for our initiation.
         self.index: dict[int, tuple[Session, Keypair | None, ReplayFilter | None]] = {}
-        self.outbox: list[tuple[bytes, Endpoint]] = []
+        self.outbox: list[tuple[bytes, Endpoint, object]] = []
         self.drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self.last_drop: str | None = None
         self._load_window = -1.0e18
@@ -148,11 +151,11 @@ class Device:
 
     # -- input -----------------------------------------------------------------------------
 
-    def receive(self, datagram: bytes, source: Endpoint, now: float
+    def receive(self, datagram: bytes, source: Endpoint, now: float, local: object = None
                 ) -> tuple[Session, bytes] | None:
         """A datagram from `source`: (session, packet) for an authenticated transport message
         (packet b"" for a keepalive), else None (consumed: a handshake message or cookie reply,
-        or dropped: see `last_drop`)."""
+        or dropped: see `last_drop`). `local`: the caller's note of where it arrived."""
         size = len(datagram)
         if size >= 32 and datagram[:4] == TYPE_TRANSPORT:
             # The hot path: one dict lookup, open, replay check, timers.
@@ -182,6 +185,7 @@ class Device:
                 session.confirm(kp, now)
             # timersAnyAuthenticatedPacket{Traversal,Received}, keepKeyFreshReceiving
             session.endpoint = source
+            session.local = local
             if session.persistent_keepalive:
                 session.persistent_at = now + session.persistent_keepalive
             session.new_handshake_at = None
@@ -198,11 +202,11 @@ class Device:
         if kind == _TYPE_INITIATION:
             if size != noise.INITIATION_SIZE:
                 return self._drop(BAD_SIZE)
-            self._initiation(datagram, source, now)
+            self._initiation(datagram, source, now, local)
         elif kind == _TYPE_RESPONSE:
             if size != noise.RESPONSE_SIZE:
                 return self._drop(BAD_SIZE)
-            self._response(datagram, source, now)
+            self._response(datagram, source, now, local)
         elif kind == _TYPE_COOKIE:
             if size != COOKIE_REPLY_SIZE:
                 return self._drop(BAD_SIZE)
@@ -218,7 +222,7 @@ class Device:
     def under_load(self, now: float) -> bool:
         return now < self._under_load_until
 
-    def _admit(self, message: bytes, source: Endpoint, now: float) -> bool:
+    def _admit(self, message: bytes, source: Endpoint, now: float, local: object) -> bool:
         """mac1, then (under load) mac2 or a cookie reply, and the per-source rate limit."""
         if not self.cookie_checker.mac1_ok(message):
             self._drop(BAD_MAC)
@@ -234,7 +238,7 @@ class Device:
         if not self.cookie_checker.mac2_ok(message, where, now):
             sender = _HEADER.unpack_from(message)[1]
             self.outbox.append((self.cookie_checker.cookie_reply(message, sender, where, now),
-                                source))
+                                source, local))
             self._drop(COOKIE_SENT)
             return False
         if not self.rate_limiter.allow(source[0], now):
@@ -242,8 +246,8 @@ class Device:
             return False
         return True
 
-    def _initiation(self, message: bytes, source: Endpoint, now: float) -> None:
-        if not self._admit(message, source, now):
+    def _initiation(self, message: bytes, source: Endpoint, now: float, local: object) -> None:
+        if not self._admit(message, source, now, local):
             return
         try:
             consumed = noise.consume_initiation(self.identity, message, self._noise_peers.get,
@@ -252,7 +256,7 @@ class Device:
             self._drop(error.reason)
             return
         session = self.peers[consumed.peer.public_key]
-        session.authenticated_received(source, now)
+        session.authenticated_received(source, now, local)
         session.forget_initiation()
         index = self.new_index(session, None)
         response, keypair = consumed.create_response(index, now)
@@ -261,8 +265,8 @@ class Device:
         self.index[index] = (session, keypair, ReplayFilter())
         session.responded(bytes(message_out), keypair, now)
 
-    def _response(self, message: bytes, source: Endpoint, now: float) -> None:
-        if not self._admit(message, source, now):
+    def _response(self, message: bytes, source: Endpoint, now: float, local: object) -> None:
+        if not self._admit(message, source, now, local):
             return
         receiver = _HEADER.unpack_from(message, 4)[1]
         entry = self.index.get(receiver)
@@ -276,7 +280,7 @@ class Device:
         except noise.HandshakeError as error:
             self._drop(error.reason)
             return
-        session.authenticated_received(source, now)
+        session.authenticated_received(source, now, local)
         self.index[receiver] = (session, keypair, ReplayFilter())
         session.response_consumed(keypair, now)
 

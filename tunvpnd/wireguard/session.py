@@ -16,10 +16,12 @@ rules below are wireguard-go's, line for line where it matters:
   nothing authenticated came back for KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + jitter, persistent
   keepalive, and all key material dropped REJECT_AFTER_TIME * 3 after the last new keypair.
 
-Output: datagrams go to the device's outbox as (datagram, endpoint); `encapsulate` returns its
-datagram directly (the hot path) for `session.endpoint`. Python cannot overwrite the key bytes
-held by `cryptography`'s AEAD objects: "zeroing" drops every reference to them (keypairs,
-handshake state) so that the library frees them.
+Output: datagrams go to the device's outbox as (datagram, endpoint, local); `encapsulate`
+returns its datagram directly (the hot path) for `session.endpoint`. `local` is the caller's
+opaque note of the local address the peer's latest authenticated datagram arrived at (None if
+unknown), so that what we send leaves from the address the peer talks to. Python cannot
+overwrite the key bytes held by `cryptography`'s AEAD objects: "zeroing" drops every reference
+to them (keypairs, handshake state) so that the library frees them.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class Session:
     Made by Device.add_peer. `user` is free for the caller (e.g. its peer-table entry)."""
 
     __slots__ = (
-        "device", "public_key", "noise_peer", "cookies", "endpoint", "persistent_keepalive",
+        "device", "public_key", "noise_peer", "cookies", "endpoint", "local",
+        "persistent_keepalive",
         "mtu", "user",
         "previous", "current", "next", "initiation", "staged",
         "last_sent_handshake", "handshake_attempts", "sent_last_minute_handshake",
@@ -72,6 +75,7 @@ class Session:
         self.noise_peer = noise.Peer(public_key, preshared_key or noise.ZERO_KEY)
         self.cookies = CookieGenerator(public_key)
         self.endpoint = endpoint
+        self.local: object = None       # see the module docstring
         self.persistent_keepalive = persistent_keepalive
         self.mtu = mtu
         self.user: object = None
@@ -102,8 +106,8 @@ class Session:
         psk = preshared_key or noise.ZERO_KEY
         if psk != self.noise_peer.preshared_key:
             self.noise_peer.preshared_key = psk
-        if endpoint is not None:
-            self.endpoint = endpoint
+        if endpoint is not None and endpoint != self.endpoint:
+            self.endpoint, self.local = endpoint, None
         if persistent_keepalive != self.persistent_keepalive:
             self.persistent_keepalive = persistent_keepalive
             self.persistent_at = 0.0 if persistent_keepalive and self.endpoint else None
@@ -157,12 +161,12 @@ class Session:
         endpoint = self.endpoint
         if endpoint is None:
             return
-        out = self.device.outbox
+        out, local = self.device.outbox, self.local
         staged, mtu, data = self.staged, self.mtu, False
         while staged:
             packet = staged.popleft()
             data = data or bool(packet)
-            out.append((kp.seal(packet, mtu), endpoint))
+            out.append((kp.seal(packet, mtu), endpoint, local))
         if self.persistent_keepalive:
             self.persistent_at = now + self.persistent_keepalive
         self.keepalive_at = None
@@ -195,7 +199,7 @@ class Session:
         if self.persistent_keepalive:
             self.persistent_at = now + self.persistent_keepalive
         self.keepalive_at = None
-        device.outbox.append((init.message, self.endpoint))
+        device.outbox.append((init.message, self.endpoint, self.local))
         self.retransmit_at = now + REKEY_TIMEOUT + self._jitter()
 
     def forget_initiation(self) -> None:
@@ -205,9 +209,11 @@ class Session:
 
     # -- handshake results (called by Device) ----------------------------------------------
 
-    def authenticated_received(self, source: Endpoint, now: float) -> None:
+    def authenticated_received(self, source: Endpoint, now: float, local: object = None
+                               ) -> None:
         """Any authenticated message from the peer: the endpoint follows it, timers."""
         self.endpoint = source
+        self.local = local
         if self.persistent_keepalive:
             self.persistent_at = now + self.persistent_keepalive
         self.new_handshake_at = None
@@ -227,7 +233,7 @@ class Session:
         if self.persistent_keepalive:
             self.persistent_at = now + self.persistent_keepalive
         self.keepalive_at = None
-        device.outbox.append((response, self.endpoint))
+        device.outbox.append((response, self.endpoint, self.local))
 
     def response_consumed(self, keypair: Keypair, now: float) -> None:
         """Our initiation was answered: the new keypair is current at once."""
