@@ -80,6 +80,68 @@ def test_kdf_vectors(key, data, t0, t1, t2):
     assert [t.hex() for t in noise.kdf3(key, data)] == [t0, t1, t2]
 
 
+# The Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s vector of cacophony's vectors/cacophony.txt
+# (https://github.com/haskell-cryptography/cacophony, released into the public domain; also
+# redistributed as tests/vectors/cacophony.txt in mcginty/snow and plizonczyk/noiseprotocol).
+IKPSK2 = {
+    "prologue": "4a6f686e2047616c74",
+    "psk": "54686973206973206d7920417573747269616e20706572737065637469766521",
+    "init_static": "e61ef9919cde45dd5f82166404bd08e38bceb5dfdfded0a34c8df7ed542214d1",
+    "init_ephemeral": "893e28b9dc6ca8d611ab664754b8ceb7bac5117349a4439a6b0569da977c464a",
+    "resp_static": "4a3acbfdb163dec651dfa3194dece676d437029c62a408b4c5ea9114246e4893",
+    "resp_ephemeral": "bbdb4cdbd309f1a1f2e1456967fe288cadd6f712d65dc7b7793d5e63da6b375b",
+    "handshake_hash": "f5191b875290abcd41347ac3622d9679688a7e980229cb937ef748336cfde0e5",
+    "messages": [
+        ("4c756477696720766f6e204d69736573",
+         "ca35def5ae56cec33dc2036731ab14896bc4c75dbb07a61f879f8e3afa4c7944001e21de9f98ddd8e2ad"
+         "57527207feb56253c9c94a9e496782ecfcb2a75fbcaf1b52948cc48daefe660c62119ab5000980c848"
+         "31215f2441eba616548e832985464cf17e51ee93109008399a21f7e13f"),
+        ("4d757272617920526f746862617264",
+         "95ebc60d2b1fa672c1f46a8aa265ef51bfe38e7ccb39ec5be34069f144808843cb765f2caef0751b8f00"
+         "7572dab0322217755c0632f365717edbf34d33e87a"),
+        ("462e20412e20486179656b", "8153ca9833bc3c1b91a7e66e5f4d4f5b59bf9e64c2f20d15f0bba7"),
+        ("4361726c204d656e676572", "07af0c9c86e1b4e80f36b04ff7688d51141af3debd0332f0a705ef"),
+        ("4a65616e2d426170746973746520536179",
+         "6ab1467c0448cc78394494abaaf23afce0e234315d6e2624dcbfa8a21c1c4d073d"),
+        ("457567656e2042f6686d20766f6e2042617765726b",
+         "dfc346c0d2296ae6cf1acf6f12b8456a1dba228cf8d8b774aacf1c47fc53aa80ebc7a4c292"),
+    ],
+}
+
+
+def test_noise_ikpsk2_known_answer():
+    """The handshake's own step functions (what Initiation.create and create_response run)
+    reproduce a Noise vector: both messages, the handshake hash, the split transport keys."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    v = {k: bytes.fromhex(x) if isinstance(x, str) else x for k, x in IKPSK2.items()}
+    init_s = X25519PrivateKey.from_private_bytes(v["init_static"])
+    resp_s = X25519PrivateKey.from_private_bytes(v["resp_static"])
+    init_e = X25519PrivateKey.from_private_bytes(v["init_ephemeral"])
+    resp_e = X25519PrivateKey.from_private_bytes(v["resp_ephemeral"])
+    init_pub = noise.StaticIdentity(v["init_static"]).public
+    resp_pub = noise.StaticIdentity(v["resp_static"]).public
+    # Noise: a protocol name longer than 32 bytes is hashed into h, ck = h; MixHash(prologue);
+    # the pre-message: MixHash(responder's static). WireGuard's C0/H0 are exactly this.
+    c0 = noise.hash_(noise.CONSTRUCTION)
+    h = noise.mix_hash(noise.mix_hash(c0, v["prologue"]), resp_pub)
+    (p1, m1), (p2, m2), *transport = [(bytes.fromhex(p), bytes.fromhex(c))
+                                       for p, c in IKPSK2["messages"]]
+    e_pub, static, sealed, h, c = noise.initiator_message_steps(
+        h, c0, init_e, init_pub, init_s.exchange(resp_s.public_key()), resp_pub, p1)
+    assert e_pub + static + sealed == m1
+    e_pub, sealed, h, c = noise.responder_message_steps(
+        h, c, resp_e, m1[:32], init_pub, v["psk"], p2)
+    assert e_pub + sealed == m2
+    assert h == v["handshake_hash"]
+    t1, t2 = noise.kdf2(c, b"")                          # as noise._derive splits them
+    for n, (plaintext, ciphertext) in enumerate(transport):
+        key = t1 if n % 2 == 0 else t2                   # initiator, responder, ...
+        nonce = bytes(4) + (n // 2).to_bytes(8, "little")
+        assert ChaCha20Poly1305(key).encrypt(nonce, plaintext, b"") == ciphertext
+
+
 # -- the handshake and transport --------------------------------------------------------------
 
 @pytest.mark.parametrize("psk", [noise.ZERO_KEY, os.urandom(32)], ids=["no-psk", "psk"])

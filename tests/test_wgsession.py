@@ -173,6 +173,26 @@ def test_reject_after_180_s():
     assert kind(p.b.outbox[-1][0]) == 1
 
 
+def test_rekey_after_2_to_the_60_messages_then_reject():
+    """Either side (not only the initiator) starts a handshake once its keypair has sent
+    REKEY_AFTER_MESSAGES; at REJECT_AFTER_MESSAGES the keypair is no longer used at all."""
+    p = Pair()
+    p.send(p.a, ping(1))
+    p.send(p.b, ping(2, B_IP, A_IP))                 # b, the responder, has a current keypair
+    p.advance(S.REKEY_TIMEOUT + 1)                   # initiate() is limited to one per 5 s
+    p.sb.current.send_counter = S.REKEY_AFTER_MESSAGES + 1
+    p.send(p.b, ping(3, B_IP, A_IP))
+    assert p.tun[p.a][-1] == ping(3, B_IP, A_IP)     # sent on the old keypair ...
+    assert len(p.sent("b", 1)) == 1                  # ... and a handshake started after it
+    rotated = p.sb.current
+    assert rotated.send_counter < 10
+    rotated.send_counter = S.REJECT_AFTER_MESSAGES
+    p.advance(S.REKEY_TIMEOUT + 1)                   # initiate() is limited to one per 5 s
+    p.send(p.b, ping(4, B_IP, A_IP))                 # staged: waits for the new handshake
+    assert p.tun[p.a][-1] == ping(4, B_IP, A_IP)
+    assert len(p.sent("b", 1)) == 2 and p.sb.current is not rotated
+
+
 def test_retransmit_every_5_s_then_give_up():
     p = Pair()
     p.cut[p.a] = True

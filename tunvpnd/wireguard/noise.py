@@ -191,6 +191,45 @@ class Peer:
         return self._static_static
 
 
+# -- the Noise steps ---------------------------------------------------------------------------
+# WireGuard is Noise_IKpsk2 with IDENTIFIER as the prologue, a TAI64N timestamp as the first
+# payload and an empty second one. These two functions are the message steps exactly as the
+# Noise spec words them, so that a Noise known-answer vector (any prologue and payloads) runs
+# through the same code as the wire: tests/test_wgnoise.py::test_noise_ikpsk2_known_answer.
+
+
+def initiator_message_steps(h: bytes, c: bytes, e: X25519PrivateKey, static_public: bytes,
+                            static_static: bytes, responder_public: bytes, payload: bytes
+                            ) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    """IK message 1, "e, es, s, ss" + payload, from (h, c) after the pre-message
+    (h = HASH(h0 || responder_public)): (e_pub, sealed static, sealed payload, h, c)."""
+    e_pub = _raw_public(e)
+    c = kdf1(c, e_pub)                          # psk modes: "e" also mixes the key
+    h = mix_hash(h, e_pub)
+    c, k = kdf2(c, _dh(e, responder_public))    # es
+    static = _seal(k, static_public, h)         # s
+    h = mix_hash(h, static)
+    c, k = kdf2(c, static_static)               # ss
+    sealed = _seal(k, payload, h)
+    return e_pub, static, sealed, mix_hash(h, sealed), c
+
+
+def responder_message_steps(h: bytes, c: bytes, e: X25519PrivateKey, initiator_ephemeral: bytes,
+                            initiator_public: bytes, psk: bytes, payload: bytes
+                            ) -> tuple[bytes, bytes, bytes, bytes]:
+    """IKpsk2 message 2, "e, ee, se, psk" + payload: (e_pub, sealed payload, h, c). The
+    transport keys are then KDF2(c, "")."""
+    e_pub = _raw_public(e)
+    h = mix_hash(h, e_pub)
+    c = kdf1(c, e_pub)
+    c = kdf1(c, _dh(e, initiator_ephemeral))    # ee
+    c = kdf1(c, _dh(e, initiator_public))       # se
+    c, tau, k = kdf3(c, psk)                    # psk
+    h = mix_hash(h, tau)
+    sealed = _seal(k, payload, h)
+    return e_pub, sealed, mix_hash(h, sealed), c
+
+
 def _derive(chain_key: bytes, *, initiator: bool, local_index: int, remote_index: int,
             now: float) -> Keypair:
     t1, t2 = kdf2(chain_key, b"")
@@ -209,23 +248,14 @@ class Initiation:
 
     @classmethod
     def create(cls, local: StaticIdentity, peer: Peer, sender_index: int, wall: float,
-               cookie_value: bytes | None = None,
-               ephemeral: X25519PrivateKey | None = None) -> Initiation:
-        """Build the 148-byte initiation (in `.message`). `ephemeral` only for known answers."""
+               cookie_value: bytes | None = None) -> Initiation:
+        """Build the 148-byte initiation (in `.message`)."""
         self = object.__new__(cls)
         self.local, self.peer, self.sender_index = local, peer, sender_index
-        self._ephemeral = ephemeral or X25519PrivateKey.generate()
-        e_pub = _raw_public(self._ephemeral)
-        h = mix_hash(H0, peer.public_key)
-        c = kdf1(C0, e_pub)
-        h = mix_hash(h, e_pub)
-        c, k = kdf2(c, _dh(self._ephemeral, peer.public_key))
-        static = _seal(k, local.public, h)
-        h = mix_hash(h, static)
-        c, k = kdf2(c, peer.static_static(local))
-        timestamp = _seal(k, tai64n(wall), h)
-        h = mix_hash(h, timestamp)
-        self._hash, self._chain_key = h, c
+        self._ephemeral = X25519PrivateKey.generate()
+        e_pub, static, timestamp, self._hash, self._chain_key = initiator_message_steps(
+            mix_hash(H0, peer.public_key), C0, self._ephemeral, local.public,
+            peer.static_static(local), peer.public_key, tai64n(wall))
         message = bytearray(INITIATION.pack(TYPE_INITIATION, sender_index, e_pub, static,
                                             timestamp, bytes(16), bytes(16)))
         cookie.write_macs(message, peer.mac1_key, cookie_value)
@@ -266,18 +296,11 @@ class ConsumedInitiation:
     _chain_key: bytes = field(repr=False)
 
     def create_response(self, sender_index: int, now: float,
-                        cookie_value: bytes | None = None,
-                        ephemeral: X25519PrivateKey | None = None) -> tuple[bytes, Keypair]:
+                        cookie_value: bytes | None = None) -> tuple[bytes, Keypair]:
         """The 92-byte response and the Keypair (we are its responder)."""
-        e = ephemeral or X25519PrivateKey.generate()
-        e_pub = _raw_public(e)
-        h = mix_hash(self._hash, e_pub)
-        c = kdf1(self._chain_key, e_pub)
-        c = kdf1(c, _dh(e, self._remote_ephemeral))
-        c = kdf1(c, _dh(e, self.peer.public_key))
-        c, tau, k = kdf3(c, self.peer.preshared_key)
-        h = mix_hash(h, tau)
-        empty = _seal(k, b"", h)
+        e_pub, empty, _h, c = responder_message_steps(
+            self._hash, self._chain_key, X25519PrivateKey.generate(), self._remote_ephemeral,
+            self.peer.public_key, self.peer.preshared_key, b"")
         message = bytearray(RESPONSE.pack(TYPE_RESPONSE, sender_index, self.remote_index,
                                           e_pub, empty, bytes(16), bytes(16)))
         cookie.write_macs(message, self.peer.mac1_key, cookie_value)
