@@ -67,6 +67,7 @@ class Daemon:
         self.server_peer: Peer | None = None
         self.core: Core | None = None
         self.device = None  # wire: wireguard: the tunvpnd.wireguard.device.Device
+        self.servers = None  # control.Servers: the control socket and the WireGuard UAPI
         self._resolving: threading.Thread | None = None
         self._resolved: tuple | None = None
         self._resolved_for: tuple | None = None  # the profile's server that _resolved is for
@@ -101,8 +102,9 @@ class Daemon:
             self.cleanup()
             return 1
         code = 0
+        others = {self.servers.fileno(): self.servers.on_ready} if self.servers else None
         try:
-            self.forwarder.run(self._wake_r, self._on_signal, self._on_tick)
+            self.forwarder.run(self._wake_r, self._on_signal, self._on_tick, others)
         except Exception:  # noqa: BLE001 - a bug must still leave the host as it was
             log.exception("forwarding loop failed")
             code = 1
@@ -169,11 +171,15 @@ class Daemon:
         if self.device is not None:
             log.info("wireguard: public key %s, %d peers", self._encode(self.device.public_key),
                      len(self.device.peers))
+        self._serve()
         self._stop_point()
         self.notify("READY=1", f"STATUS={self.status()}")
 
     def cleanup(self) -> None:
         """Put the host back as it was: routes, forwarding, TUN, socket, state file."""
+        if self.servers is not None:  # first: nobody asks about a tunnel going away
+            self.servers.close()
+            self.servers = None
         if self.netconf is not None:
             try:
                 self.netconf.restore()
@@ -230,6 +236,45 @@ class Daemon:
                 self.forwarder.stop()
             elif number == signal.SIGHUP:
                 self.reload()
+
+    # -- control socket and UAPI -----------------------------------------------------------
+
+    def _serve(self) -> None:
+        """RUN_DIR/NAME.sock for `tunvpnd show`; /run/wireguard/IFNAME.sock for `wg` (wire:
+        wireguard). Either failing is logged and the tunnel runs without it. Both stay as they
+        are on reload (neither the name nor the interface can change without a restart), and
+        what they answer is read afresh at each request."""
+        from . import control, uapi
+
+        self.servers = control.Servers()
+        path = run_dir() / f"{self.profile.name}.sock"
+        try:
+            self.servers.listen(path, control.show_handler(self.snapshot),
+                                control.CONTROL_LIMIT)
+        except OSError as error:
+            log.warning("no control socket (tunvpnd show will not see us): %s", error)
+        if self.device is None:
+            return
+        path = uapi.socket_path(self.ifname)
+        try:
+            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            hint = f"systemctl reload tunvpnd@{self.profile.name}"
+            self.servers.listen(path, uapi.Protocol(self._uapi_get, str(self.profile.path),
+                                                    hint), uapi.SET_LIMIT)
+        except OSError as error:  # control.SocketBusy: another live process holds the path
+            log.warning("no WireGuard UAPI socket (wg will not see us): %s", error)
+
+    def snapshot(self) -> dict:
+        """What `tunvpnd show` shows (status.snapshot), never a private or preshared key."""
+        from . import status
+
+        return status.snapshot(self.profile, self.ifname, self.sock, self.core, self.device)
+
+    def _uapi_get(self) -> str:
+        from . import uapi
+
+        return uapi.get_text(self.profile.private_key, self.sock.getsockname()[1],
+                             self.device.peers.values())
 
     # -- reload -----------------------------------------------------------------------------
 
@@ -466,6 +511,8 @@ class Daemon:
         elif p.keepalive:
             for keepalive in self.core.keepalives_due(p.keepalive):
                 self.forwarder.send(*keepalive)
+        if self.servers is not None:
+            self.servers.tick(now)  # hang up on clients past their deadline
         if now >= self._next_status:
             self.notify(f"STATUS={self.status()}")
             self._next_status = now + STATUS_INTERVAL
