@@ -186,8 +186,11 @@ def test_show_plain_learned_peer_and_client(lab, daemons):
     (peer,) = doc["peers"]
     assert peer["learned"] and "public_key" not in peer and "latest_handshake" not in peer
     assert peer["endpoint"].startswith("10.9.0.5:")
-    # three echo requests of 84 bytes each, and the keepalives' ANNOUNCEs (20 bytes each)
+    # three echo requests of 84 bytes each, and the keepalives' ANNOUNCEs (20 bytes each):
+    # whole payloads, the control packets included
     assert peer["rx_bytes"] >= 3 * 84 and (peer["rx_bytes"] - 3 * 84) % 20 == 0
+    wait_until(lambda: show_json(server)["peers"][0]["rx_bytes"] >= 3 * 84 + 2 * 20, 15,
+               what="keepalives counted")
     assert peer["tx_bytes"] >= 3 * 84
     assert show(server, "server", "--check").returncode == 0  # learned only: nothing to miss
 
@@ -288,3 +291,41 @@ def test_hostile_clients_cannot_stall_forwarding(lab, daemons):
     assert rss() - before < 8 * 1024, (before, rss())  # kB
     assert show(server, "server", "--check").returncode == 0
     ping(lab, "hostu", HOSTV, count=2)
+
+
+# --- the text form and the check, alone ---------------------------------------------------------
+
+
+def test_text_like_wg():
+    from tunvpnd.status import ago, duration, healthy, render, size
+
+    assert (size(0), size(1023), size(1024), size(1268777), size(3 << 30)) == (
+        "0 B", "1023 B", "1.00 KiB", "1.21 MiB", "3.00 GiB")
+    assert duration(72) == "1 minute, 12 seconds" and duration(25) == "25 seconds"
+    assert duration(3600 * 24 + 1) == "1 day, 1 second"
+    assert ago(0) == "Now" and ago(12) == "12 seconds ago"
+    doc = {"name": "server", "ifname": "tun0", "wire": "wireguard", "pid": 812, "now": 1000,
+           "public_key": "K=", "listen": "0.0.0.0:9090", "dropped": 3,
+           "drops": {"replay": 2, "bad_mac": 1},
+           "peers": [{"name": "hostu", "learned": False, "public_key": "P=",
+                      "endpoint": "10.9.0.5:40321", "allowed_ips": ["192.168.53.99/32"],
+                      "latest_packet": 995, "latest_handshake": 988, "rx_bytes": 1268777,
+                      "tx_bytes": 3565158, "persistent_keepalive": 25}]}
+    assert render(doc) == """\
+instance: server (tun0, wire wireguard, pid 812)
+  public key: K=
+  listening: 0.0.0.0:9090
+  dropped: 3 (replay 2, bad_mac 1)
+
+peer: hostu
+  public key: P=
+  endpoint: 10.9.0.5:40321
+  allowed ips: 192.168.53.99/32
+  latest handshake: 12 seconds ago
+  transfer: 1.21 MiB received, 3.40 MiB sent
+  persistent keepalive: every 25 seconds"""
+    assert healthy(doc) and not healthy(doc, max_age=12)
+    doc["peers"][0]["latest_handshake"] = None
+    assert not healthy(doc)
+    doc["peers"][0]["learned"] = True  # learned peers are not configured: not required
+    assert healthy(doc)

@@ -313,3 +313,45 @@ def test_hostile_uapi_clients(lab, daemons, sockdir, ifnames):
             sock.close()
     assert rss() - before < 8 * 1024, (before, rss())
     assert "Traceback" not in server.log()
+
+
+# --- the protocol alone --------------------------------------------------------------------------
+
+
+def test_protocol_answers_like_wireguard_go():
+    from tunvpnd.uapi import SET_LIMIT, Protocol
+
+    protocol = Protocol(lambda: "private_key=00\nerrno=0\n\n", "/etc/tunvpn/x.yaml", "reload")
+    assert protocol(bytearray(b"get=")) is None  # wait for the rest
+    assert protocol(bytearray(b"get=1\n")) is None
+    assert protocol(bytearray(b"get=1\n\nget=1\n\n")) == (b"private_key=00\nerrno=0\n\n", 7,
+                                                         False)
+    assert protocol(bytearray(b"get=1\nx")) == (b"errno=-22\n\n", 7, True)  # trailing char
+    assert protocol(bytearray(b"set=1\nlisten_port=1\n")) is None
+    assert protocol(bytearray(b"set=1\nlisten_port=1\n\n")) == (b"errno=-1\n\n", 21, False)
+    assert protocol(bytearray(b"set=1\n\n")) == (b"errno=-1\n\n", 7, False)
+    endless = bytearray(b"set=1\n" + b"a=b\n" * (SET_LIMIT // 4))
+    assert protocol(endless) == (b"errno=-1\n\n", len(endless), True)
+    assert protocol(bytearray(b"hello\n")) == (b"", 6, True)  # unknown: hang up
+
+
+def test_get_text_fields_and_order():
+    from types import SimpleNamespace
+
+    from tunvpnd.uapi import get_text
+
+    peer = SimpleNamespace(allowed_ips=["192.168.53.99/32", "fd00::/64"])
+    session = SimpleNamespace(
+        user=peer, public_key=bytes(range(32)),
+        noise_peer=SimpleNamespace(preshared_key=bytes(32)),
+        endpoint=("::ffff:10.9.0.5", 40321, 0, 0), last_handshake_wall=1700000000.25,
+        tx_bytes=476, rx_bytes=532, persistent_keepalive=25)
+    text = get_text(b"\x01" * 32, 9090, [session])
+    assert text.splitlines() == [
+        "private_key=" + "01" * 32, "listen_port=9090",
+        "public_key=" + bytes(range(32)).hex(), "preshared_key=" + "00" * 32,
+        "protocol_version=1", "endpoint=10.9.0.5:40321",
+        "last_handshake_time_sec=1700000000", "last_handshake_time_nsec=250000000",
+        "tx_bytes=476", "rx_bytes=532", "persistent_keepalive_interval=25",
+        "allowed_ip=192.168.53.99/32", "allowed_ip=fd00::/64", "errno=0", ""]
+    assert text.endswith("errno=0\n\n")

@@ -46,10 +46,11 @@ def get_text(private_key: bytes, listen_port: int, sessions: Any) -> str:
                   "protocol_version=1"]
         if session.endpoint is not None:
             lines.append(f"endpoint={transport.format_endpoint(session.endpoint)}")
-        when = session.last_handshake_wall
-        nanos = int(round(when * 1e9)) if when is not None else 0
-        lines += [f"last_handshake_time_sec={nanos // 1_000_000_000}",
-                  f"last_handshake_time_nsec={nanos % 1_000_000_000}",
+        when = session.last_handshake_wall or 0.0
+        seconds = int(when)
+        nanos = min(int(round((when - seconds) * 1e9)), 999_999_999)
+        lines += [f"last_handshake_time_sec={seconds}",
+                  f"last_handshake_time_nsec={nanos}",
                   f"tx_bytes={session.tx_bytes}",
                   f"rx_bytes={session.rx_bytes}",
                   f"persistent_keepalive_interval={session.persistent_keepalive}"]
