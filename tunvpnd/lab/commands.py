@@ -123,6 +123,18 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _udp_port_bound(pid: int, port: int) -> bool:
+    """Has the process's network namespace a UDP socket bound to `port` (/proc/PID/net)?"""
+    for table in ("udp", "udp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        if any(line.split()[1].endswith(f":{port:04X}") for line in lines if line.strip()):
+            return True
+    return False
+
+
 def _running_wire(lab: Lab) -> str | None:
     """The wire of the lab's daemons if the lab is up with both of them running, else None."""
     namespaces = set(leftover_namespaces(lab.prefix))
@@ -170,7 +182,18 @@ def _up(prefix: str, daemon_argv: Sequence[str] | None, ready_timeout: float,
         lab.run_dir.mkdir(parents=True, exist_ok=True)
         (lab.run_dir / "wire").write_text(wire + "\n")
         procs: dict[str, subprocess.Popen] = {}
-        for role in LAB_DAEMONS:
+
+        def ready(role: str) -> bool:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} daemon exited with status {proc.returncode}")
+            if not tun_route_present(lab.hosts[role], LAB_DAEMONS[role][1]):
+                return False
+            # the server's socket is bound after its TUN is up: a client started before
+            # that has its first datagram refused, and a WireGuard client then waits 5 s
+            return role != "server" or _udp_port_bound(procs[role].pid, LAB_PORT)
+
+        for role in LAB_DAEMONS:  # the server first, ready, then the client
             state_dir = lab.run_dir / role
             state_dir.mkdir(parents=True, exist_ok=True)
             profile = profiles[role]
@@ -183,15 +206,9 @@ def _up(prefix: str, daemon_argv: Sequence[str] | None, ready_timeout: float,
                                         stderr=subprocess.STDOUT)
             _say(f"lab {prefix}: started {role} (pid {procs[role].pid}) with {profile}, "
                  f"log {log}")
-
-        def ready() -> bool:
-            for role, proc in procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{role} daemon exited with status {proc.returncode}")
-            return all(tun_route_present(lab.hosts[role], net)
-                       for role, (_, net) in LAB_DAEMONS.items())
-
-        wait_until(ready, ready_timeout, 0.1, "the TUN routes of the server and the client")
+            wait_until(lambda role=role: ready(role), ready_timeout, 0.05,
+                       f"the {role}'s TUN route" + (f" and UDP port {LAB_PORT}"
+                                                    if role == "server" else ""))
     except (Exception, KeyboardInterrupt) as e:
         _say(f"lab {prefix}: up FAILED: {e}")
         for role in LAB_DAEMONS:
