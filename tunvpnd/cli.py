@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     lab = commands.add_parser("lab", help="the SEED lab topology in network namespaces")
     lab.add_argument("action", choices=("up", "demo", "down"))
     lab.add_argument("--prefix", default="tvlab", help="namespace name prefix (default tvlab)")
+    lab.add_argument("--wire", choices=("plain", "wireguard"), default="plain",
+                     help="up/demo: the wire the daemons speak (default plain; wireguard: "
+                     "the wg-*.yaml examples with fresh keys)")
     for name, text in (("genkey", "print a new WireGuard private key (as `wg genkey`)"),
                        ("pubkey", "read a private key on stdin, print its public key (as "
                         "`wg pubkey`)"),
@@ -50,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lab":
         from . import lab as lab_module
 
-        action = {"up": lab_module.lab_up, "demo": lab_module.lab_demo,
-                  "down": lab_module.lab_down}[args.action]
-        return action(args.prefix)
+        if args.action == "down":
+            return lab_module.lab_down(args.prefix)
+        action = {"up": lab_module.lab_up, "demo": lab_module.lab_demo}[args.action]
+        return action(args.prefix, wire=args.wire)
     if args.command == "cleanup":
         return cleanup(args.profile)
     if args.command in ("genkey", "genpsk", "pubkey"):
