@@ -378,6 +378,20 @@ def install_wireguard(box: SystemdBox, keys: Keys, psk: bool = False) -> None:
         box.systemctl("daemon-reload")
 
 
+@pytest.mark.parametrize("default", ["\n", "\0", ""])
+def test_the_units_blank_credential_default_means_not_given(tmp_path, monkeypatch, default):
+    """What the unit's `SetCredential=%i.key:\\n` leaves when /etc/tunvpn/NAME.key is missing
+    is no key: the daemon looks beside the profile; a real credential still wins."""
+    credentials, profiles = tmp_path / "credentials", tmp_path / "etc"
+    credentials.mkdir()
+    profiles.mkdir()
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    (credentials / "client.key").write_text(default)
+    assert wgkeys.find_key_file("client.key", profiles) == profiles / "client.key"
+    (credentials / "client.key").write_text(wgkeys.encode_key(bytes(32)) + "\n")
+    assert wgkeys.find_key_file("client.key", profiles) == credentials / "client.key"
+
+
 def test_wireguard_keys_reach_the_dynamic_user_only_as_credentials(box, tmp_path):
     keys = Keys(tmp_path)
     install_wireguard(box, keys, psk=True)
@@ -438,6 +452,14 @@ def test_reload_adds_a_wireguard_peer_and_keeps_the_other_session(box, tmp_path)
     pinger = box.popen(["ip", "netns", "exec", NETNS["client"], "ping", "-c", "50", "-i", "0.1",
                         "-W", "1", HOSTV], stdout=subprocess.PIPE, text=True)
     try:
+        # a new key file is no credential until a restart: that reload is refused, nothing lost
+        write_key(box, "/etc/tunvpn/hostu2.psk", keys.psk)
+        box.write_file("/etc/tunvpn/server.yaml", server_text(
+            keys, extra_peers=client2_peer(other) + "    preshared_key_file: hostu2.psk\n"))
+        box.systemctl("reload", "tunvpnd@server")
+        wait_until(lambda: any("hostu2.psk: cannot open the key file: Permission denied" in m
+                               for m in messages(box, "tunvpnd@server", "-p", "err")), 10,
+                   what="the refused reload in the journal")
         box.write_file("/etc/tunvpn/server.yaml",
                        server_text(keys, extra_peers=client2_peer(other)))
         box.systemctl("reload", "tunvpnd@server")
