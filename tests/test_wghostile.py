@@ -42,6 +42,7 @@ from tests.test_wgtunnel import (  # noqa: F401  (wggo_factory is a fixture)
     server_text,
     wggo_factory,
 )
+from tunvpnd.lab import wait_until
 from tunvpnd.wireguard import cookie, noise
 from tunvpnd.wireguard import keys as wgkeys
 from tunvpnd.wireguard.device import UNDER_LOAD_HANDSHAKES_PER_SECOND, Device
@@ -522,6 +523,72 @@ def test_initiation_flood_gets_cookie_replies_and_the_tunnel_keeps_working(lab, 
     # is the per-datagram overhead that a wrong-mac1 drop pays too (see the figures above)
     assert pinged[1] >= pinged[0] * 0.8 and pinged[2] < 200, pinged
     assert cookie_work < handshake * 0.75, (cookie_work, handshake)
+    still_fine(lab, server)
+
+
+# --- (4) cookie interop under load -------------------------------------------------------------
+
+
+def handshake_story(seen: list) -> list[str]:
+    """The handshake messages in a sniffer's record, in order: 'out 1', 'out 1+mac2', 'in 3',
+    'in 2', ... (transport messages left out)."""
+    story = []
+    for _t, direction, kind, _size, mac2 in seen:
+        if kind in (1, 2, 3):
+            story.append(f"{direction} {kind}{'+mac2' if mac2 else ''}")
+    return story
+
+
+def cookie_then_handshake(story: list[str]) -> bool:
+    """An initiation without mac2, a cookie reply, then one with mac2 that got a response."""
+    try:
+        first = story.index("out 1")
+        cookie_at = story.index("in 3", first)
+        retry = story.index("out 1+mac2", cookie_at)
+        story.index("in 2", retry)
+    except ValueError:
+        return False
+    return True
+
+
+@needs_wg
+@pytest.mark.parametrize("lab", [1], indirect=True)
+def test_wireguard_go_gets_a_cookie_under_load_and_completes_with_mac2(lab, daemons, sockdir,
+                                                                      wggo_factory):  # noqa: F811
+    """The server is under load (a flood from hostu2): wireguard-go's first initiation gets a
+    cookie reply instead of a DH; its retransmission 5 s later carries mac2 and completes the
+    handshake; ping works through the tunnel while the flood goes on."""
+    keys = Keys(sockdir)
+    wg = wggo_factory("hostu")
+    keys.client, keys.client_pub = wg.private, wg.public
+    server = daemons(lab, "server", server_text(keys))
+    sources = flood_sources(lab)
+    rate, seconds = 400, 25
+    cfg = {"target": SERVER, "sources": sources, "server_public": keys.server_pub.hex(),
+           "count": rate * seconds, "rate": rate, "duration": seconds, "mac1": True}
+    with script(lab, "hostu", "sniff", {"port": SERVER[1], "duration": 40}) as sniffer, \
+            script(lab, "hostu2", "flood", cfg) as flooder:
+        flooder.expect("loaded")                # the server answers with cookies now
+        in_ns(lab, "hostu", ["wg", "set", wg.ifname, "private-key", str(wg.keyfile), "peer",
+                             wgkeys.encode_key(keys.server_pub), "allowed-ips",
+                             "192.168.53.0/24,192.168.60.0/24", "endpoint", "10.9.0.11:9090"])
+        in_ns(lab, "hostu", ["ip", "addr", "add", "192.168.53.99/24", "dev", wg.ifname])
+        in_ns(lab, "hostu", ["ip", "link", "set", wg.ifname, "up"])
+        in_ns(lab, "hostu", ["ip", "route", "add", "192.168.60.0/24", "dev", wg.ifname])
+        started = time.monotonic()
+        wait_until(lambda: ping(lab, "hostu", HOSTV, count=1, check=False).returncode == 0,
+                   25, what="ping through wireguard-go under load")
+        took = time.monotonic() - started
+        ping(lab, "hostu", HOSTV, count=3)      # and it keeps working, flood still on
+        flooded = flooder.result()
+        seen = sniffer.result()["seen"]
+    story = handshake_story(seen)
+    status = server.wait_status(lambda s: "hostu up, handshake" in s)
+    print(f"\nwireguard-go under load: {story}; first ping after {took:.1f} s; flood "
+          f"{flooded['sent']} sent, {flooded['cookies']} cookies back; STATUS {status}")
+    assert cookie_then_handshake(story), story
+    assert drops(status)["cookie_sent"] > flooded["cookies"] * 0.9, status
+    assert flooded["seconds"] > took, flooded            # the flood lasted the whole time
     still_fine(lab, server)
 
 
