@@ -118,7 +118,8 @@ def flood(cfg: dict) -> dict:
     """Initiations with a valid mac1 for cfg["server_public"] (a wrong one unless "mac1") and
     garbage fields, round robin
     from one socket per source address, `rate` a second (0: as fast as it goes), at most
-    `count` and `duration` s; every reply is read and cookie replies authenticated (XChaCha20-
+    `count` and `duration` s (with "period": in bursts of rate * period sent at full speed,
+    every period s); every reply is read and cookie replies authenticated (XChaCha20-
     Poly1305 with the server's cookie key, the mac1 we sent as associated data)."""
     public = bytes.fromhex(cfg["server_public"])
     mac1_key, cookie_key = cookie.mac1_key(public), cookie.cookie_key(public)
@@ -148,7 +149,13 @@ def flood(cfg: dict) -> dict:
     while True:
         now = time.monotonic()
         if not stopped:
-            due = count if rate == 0 else min(count, int((now - started) * rate) + 1)
+            if rate == 0:
+                due = count
+            elif "period" in cfg:               # bursts of rate * period at full speed
+                burst = int(rate * cfg["period"])
+                due = min(count, (int((now - started) / cfg["period"]) + 1) * burst)
+            else:
+                due = min(count, int((now - started) * rate) + 1)
             burst = 0
             while sent < due and burst < 64:
                 source = sent % len(socks)
@@ -191,7 +198,7 @@ def flood(cfg: dict) -> dict:
                 if first_cookie is None:
                     first_cookie = time.monotonic() - started
                     print("loaded", flush=True)
-        if rate and not stopped and sent < count:
+        if rate and not stopped and sent < count and (sent >= due or "period" not in cfg):
             time.sleep(min(0.005, max(0.0, started + sent / rate - time.monotonic())))
     return {"sent": sent, "send_errors": send_errors, "replies": replies, "cookies": valid,
             "other": other, "addresses_with_cookies": len(cookies_at),
@@ -590,6 +597,48 @@ def test_wireguard_go_gets_a_cookie_under_load_and_completes_with_mac2(lab, daem
     assert drops(status)["cookie_sent"] > flooded["cookies"] * 0.9, status
     assert flooded["seconds"] > took, flooded            # the flood lasted the whole time
     still_fine(lab, server)
+
+
+@needs_wg
+@pytest.mark.parametrize("lab", [1], indirect=True)
+def test_our_initiator_honours_a_cookie_from_wireguard_go_under_load(lab, daemons, sockdir,
+                                                                     wggo_factory):  # noqa: F811
+    """wireguard-go as the server, under load: its handshake queue holds >= 128 of 1024 while
+    bursts of initiations (valid mac1) arrive faster than its workers take them, and for 1 s
+    after. Our client's initiation gets a cookie reply; its next one carries mac2, which
+    wireguard-go accepts, and the tunnel works."""
+    keys = Keys(sockdir)
+    wg = wggo_factory("server")
+    keys.server, keys.server_pub = wg.private, wg.public
+    in_ns(lab, "server", ["wg", "set", wg.ifname, "private-key", str(wg.keyfile), "listen-port",
+                          "9090", "peer", wgkeys.encode_key(keys.client_pub), "allowed-ips",
+                          "192.168.53.99/32"])
+    in_ns(lab, "server", ["ip", "addr", "add", "192.168.53.1/24", "dev", wg.ifname])
+    in_ns(lab, "server", ["ip", "link", "set", wg.ifname, "up"])
+    in_ns(lab, "server", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    sources = flood_sources(lab)
+    rate, period, seconds = 6000, 0.5, 25    # 3,000 at full speed every 0.5 s
+    cfg = {"target": SERVER, "sources": sources, "server_public": wg.public.hex(),
+           "count": rate * seconds, "rate": rate, "period": period, "duration": seconds,
+           "mac1": True}
+    with script(lab, "hostu", "sniff", {"port": SERVER[1], "duration": 40}) as sniffer, \
+            script(lab, "hostu2", "flood", cfg) as flooder:
+        flooder.expect("loaded")                # wireguard-go answers with cookies now
+        started = time.monotonic()
+        client = daemons(lab, "hostu", client_text(keys), name="client")
+        wait_until(lambda: ping(lab, "hostu", HOSTV, count=1, check=False).returncode == 0,
+                   25, what="ping to wireguard-go under load")
+        took = time.monotonic() - started
+        flooded = flooder.result()
+        seen = sniffer.result()["seen"]
+    story = handshake_story(seen)
+    print(f"\nour initiator, wireguard-go under load: {story}; first ping after {took:.1f} s; "
+          f"flood {flooded['sent']} sent, {flooded['cookies']} cookies back")
+    assert cookie_then_handshake(story), story
+    assert flooded["cookies"] > 0 and flooded["seconds"] > took, flooded
+    client.wait_status(lambda s: "server up, handshake" in s)
+    assert "Traceback" not in client.log()
+    ping(lab, "hostu", HOSTV, count=2)
 
 
 def main() -> None:
