@@ -147,7 +147,7 @@ def parse_wg_quick(text: str, file: str) -> WgConfig:
         key, value = body.split("=", 1)
         key, value = "".join(key.split()), value.strip()
         lower = key.lower()
-        shown = key if _WORD.fullmatch(key) else "a key"
+        shown = key if _WORD.fullmatch(key) else "(key not shown)"
         if section is None:
             fail(number, f"{shown} before any [Interface] or [Peer] section")
         elif section == "interface":
@@ -391,8 +391,8 @@ def _routes(allowed: Iterable[tuple[IPNetwork, int]], nets: list[IPNetwork],
                          "tunvpnd does not carry a full tunnel (a default route) yet; only "
                          "the other AllowedIPs are routed through it")
             continue
-        held = [h for h, _, _ in pinned if covering_route([net], h)] if pinned else []
-        if any(_literal(h) for h in held):
+        held = [h for h, _, _ in pinned if _literal(h) and covering_route([net], h)]
+        if held:
             notes.append(f"{file}:{line}: not imported: the route for AllowedIPs {net}: it "
                          f"holds the endpoint {held[0]}, so the tunnel would carry its own "
                          "datagrams")
