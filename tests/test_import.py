@@ -249,6 +249,8 @@ PersistentKeepalive = off
                        (7, "PreUp: tunvpnd runs no commands"),
                        (8, "PreDown: tunvpnd runs no commands")):
         assert f"{conf}:{line}: not imported: {what}" in lines
+    assert f"{conf}:11: note: AllowedIPs 10.20.30.40/16 has host bits set: imported as " \
+           "10.20.0.0/16, as WireGuard masks it" in lines
     full = [line for line in lines if "full tunnel" in line]
     assert len(full) == 2 and all(line.startswith(f"{conf}:11: not imported: the route for "
                                                   "AllowedIPs") for line in full)
@@ -259,6 +261,18 @@ PersistentKeepalive = off
     assert code == 0, stderr
     assert [str(r) for r in load_profile(tmp_path / "wg3.yaml").routes] == ["10.20.0.0/16"]
     assert "AllowedIPs 203.0.113.0/24: it holds the endpoint 203.0.113.9" in stderr
+
+
+@pytest.mark.parametrize("endpoint", ["[fd09::11]:51820", "fd09::11:51820", " [FD09::11] : 51820"])
+def test_an_ipv6_endpoint_becomes_the_server(tmp_path, capsys, sides, endpoint):
+    """wg takes [v6]:port, and a bare v6:port split at its last colon."""
+    client, server, _ = sides
+    conf = write(tmp_path, "wg6", client_conf(client, server, endpoint=endpoint))
+    code, _, stderr = run_import(capsys, conf, tmp_path)
+    assert code == 0, stderr
+    assert load_profile(tmp_path / "wg6.yaml").server == ("fd09::11", 51820)
+    assert 'server: "[fd09::11]:51820"' in (tmp_path / "wg6.yaml").read_text()
+    assert check(tmp_path / "wg6.yaml").returncode == 0
 
 
 def test_table_off_adds_no_routes(tmp_path, capsys, sides):
@@ -304,6 +318,13 @@ def test_an_existing_profile_is_replaced_only_with_force(tmp_path, capsys, sides
     assert load_profile(out / "wg0.yaml").private_key == newer.private
     assert stat.S_IMODE((out / "wg0.key").stat().st_mode) == 0o600
     assert sorted(os.listdir(out)) == ["other.yaml", "wg0.key", "wg0.psk", "wg0.yaml"]
+
+
+def test_without_out_it_writes_to_the_config_dir(tmp_path, capsys, sides, monkeypatch):
+    monkeypatch.setenv("TUNVPN_CONFIG_DIR", str(tmp_path / "tunvpn"))
+    conf = write(tmp_path, "wg0", client_conf(*sides[:2]))
+    assert cli.main(["import", str(conf)]) == 0, capsys.readouterr().err
+    assert load_profile(tmp_path / "tunvpn" / "wg0.yaml").mode == "client"
 
 
 def test_a_key_file_of_the_same_name_is_not_overwritten_either(tmp_path, capsys, sides):

@@ -155,7 +155,7 @@ def parse_wg_quick(text: str, file: str) -> WgConfig:
         elif section == "peer":
             peer = config.peers[-1]
             peer.has_keys = True
-            _peer_key(peer, lower, shown, value, number, fail)
+            _peer_key(config, peer, lower, shown, value, number, fail)
         pending_name = None
     if not problems:
         _check_whole(config, problems, file)
@@ -214,7 +214,8 @@ def _interface_key(config: WgConfig, lower: str, shown: str, value: str, number:
         fail(number, f"{shown}: not a key of [Interface] (wg-quick refuses it too)")
 
 
-def _peer_key(peer: WgPeer, lower: str, shown: str, value: str, number: int, fail) -> None:
+def _peer_key(config: WgConfig, peer: WgPeer, lower: str, shown: str, value: str, number: int,
+              fail) -> None:
     if lower == "publickey":
         peer.public_key = _key(value, shown, number, fail)
     elif lower == "presharedkey":
@@ -229,6 +230,9 @@ def _peer_key(peer: WgPeer, lower: str, shown: str, value: str, number: int, fai
             except ValueError:
                 fail(number, f"{shown}: {_excerpt(item)} is not an IP network")
                 continue
+            if ip_interface(item).ip != net.network_address:  # wg warns, the kernel masks
+                config.skipped.append((number, f"note: AllowedIPs {item} has host bits set: "
+                                       f"imported as {net}, as WireGuard masks it"))
             peer.allowed_ips.append((net, number))
     elif lower == "endpoint":
         endpoint = _endpoint("".join(value.split()))
