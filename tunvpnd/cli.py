@@ -1,5 +1,5 @@
 """Command line: `tunvpnd run|check PROFILE`, `tunvpnd lab up|demo|down`,
-`tunvpnd genkey|pubkey|genpsk` (WireGuard keys, as `wg` makes them)."""
+`tunvpnd genkey|pubkey|genpsk` (WireGuard keys, as `wg` makes them), `tunvpnd import WG_CONF`."""
 
 from __future__ import annotations
 
@@ -44,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
                         "`wg pubkey`)"),
                        ("genpsk", "print a new preshared key (as `wg genpsk`)")):
         commands.add_parser(name, help=text)
+    imports = commands.add_parser("import", help="turn a wg-quick config into a profile "
+                                  "(DIR/NAME.yaml) and its key files")
+    imports.add_argument("config", help="a wg-quick file, such as /etc/wireguard/wg0.conf")
+    imports.add_argument("--name", help="the profile's name (default: the file's stem)")
+    imports.add_argument("--out", metavar="DIR", help="where to write it (default: "
+                         "$TUNVPN_CONFIG_DIR or /etc/tunvpn)")
+    imports.add_argument("--force", action="store_true", help="replace an existing profile "
+                         "and its key files")
     args = parser.parse_args(argv)
     if args.command == "run":
         # Held, not lost, until the daemon's handlers are in place (service.Daemon._signals):
@@ -61,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         return cleanup(args.profile)
     if args.command in ("genkey", "genpsk", "pubkey"):
         return key_command(args.command)
+    if args.command == "import":
+        from .importer import import_command
+
+        return import_command(args.config, args.name, args.out, args.force)
     return run_or_check(args.command, args.profile, args.config_dir)
 
 
