@@ -4,10 +4,10 @@ root, never into the host.
 The install runs in a private mount and PID namespace (``unshare``): an overlay whose lower layer
 is the host's root filesystem and whose upper layer is a tmpfs, entered with ``chroot``; apt
 installs the .deb there from the local file and fetches its dependencies from the Debian mirror
-or its cache (Debian's python3-pyroute2 and python3-sdnotify are removed from the overlay first,
-so they really come in through the package's Depends). When the namespace's first process
-exits, every mount and every write goes with it; the host's dpkg database is checked to be
-unchanged.
+or its cache (Debian's python3-pyroute2, python3-sdnotify, python3-cryptography and python3-nacl
+are removed from the overlay first, so they really come in through the package's Depends). When
+the namespace's first process exits, every mount and every write goes with it; the host's dpkg
+database is checked to be unchanged.
 
 Needs root, util-linux's unshare, and apt with the Debian mirror, as the rest of the suite does;
 the build script installs the build dependencies (debhelper, dh-python, lintian, ...) itself.
@@ -26,6 +26,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
+from tunvpnd.lab import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -102,6 +104,8 @@ def test_deb_contents(deb):
         "/usr/share/man/man5/tunvpnd.yaml.5.gz",
         "/usr/share/doc/tunvpnd/examples/client.yaml",
         "/usr/share/doc/tunvpnd/examples/server.yaml",
+        "/usr/share/doc/tunvpnd/examples/wg-client.yaml",
+        "/usr/share/doc/tunvpnd/examples/wg-server.yaml",
         "/usr/share/doc/tunvpnd/copyright",
         "/etc/iproute2/rt_protos.d/tunvpnd.conf",
         "/etc/tunvpn/",
@@ -110,6 +114,9 @@ def test_deb_contents(deb):
     units = sorted(p.name for p in (REPO / "systemd").glob("tunvpnd*"))
     assert "tunvpnd@.service" in units
     expected += [f"/usr/lib/systemd/system/{unit}" for unit in units]
+    # every profile the pip install ships in the package too (tunvpnd lab demo uses them)
+    expected += [f"/usr/lib/python3/dist-packages/tunvpnd/examples/{p.name}"
+                 for p in (REPO / "tunvpnd" / "examples").glob("*.yaml")]
     missing = [path for path in expected if path not in files]
     assert missing == [], files
     assert any(re.fullmatch(r"/usr/share/doc/tunvpnd/operator-guide\.md(\.gz)?", f)
@@ -190,16 +197,21 @@ step() {
     if in_root "$@" 2>&1; then echo "@@rc 0"; else echo "@@rc $?"; fi
 }
 # so that apt has to fetch the dependencies named in Depends from the mirror
-in_root apt-get purge -y -qq python3-pyroute2 python3-sdnotify >/dev/null 2>&1 || true
+in_root apt-get purge -y -qq python3-pyroute2 python3-sdnotify python3-cryptography python3-nacl \
+    >/dev/null 2>&1 || true
 step update apt-get update -qq
 step install apt-get install -y -q -o Dpkg::Use-Pty=0 --no-install-recommends \
     "/tmp/$(basename "$DEB")"
 step status dpkg-query -W -f '${Package} ${Status} ${Version}\n' tunvpnd python3-pyroute2 \
-    python3-sdnotify python3-yaml
+    python3-sdnotify python3-yaml python3-cryptography python3-nacl
 step shebang head -n1 /usr/bin/tunvpnd
 step version /usr/bin/tunvpnd --version
 step check_client /usr/bin/tunvpnd check /usr/share/doc/tunvpnd/examples/client.yaml
 step check_server /usr/bin/tunvpnd check /usr/share/doc/tunvpnd/examples/server.yaml
+# the secure examples check once their keys exist (made as the examples' comments say)
+step check_wg sh -c 'set -e; d=$(mktemp -d); cp /usr/share/doc/tunvpnd/examples/wg-*.yaml "$d"
+    cd "$d"; umask 077; for n in wg-client wg-server; do /usr/bin/tunvpnd genkey > $n.key
+    /usr/bin/tunvpnd check $n.yaml; done'
 step modules /usr/bin/python3 -c '
 import importlib.metadata as m, pyroute2, sdnotify, tunvpnd, tunvpnd.service, tunvpnd.lab
 print(tunvpnd.__file__); print(pyroute2.__file__); print("pyroute2", m.version("pyroute2"))'
@@ -257,12 +269,19 @@ def test_installs_and_runs_in_a_throwaway_root(deb):
     # the dependencies came from the mirror, as a machine without them would get them
     assert re.search(r"^(Get|Unpacking).*python3-pyroute2", install, re.M), install
     status = ok("status").splitlines()
-    for package in ("tunvpnd", "python3-pyroute2", "python3-sdnotify", "python3-yaml"):
+    for package in ("python3-cryptography", "python3-nacl"):  # secure mode's, from Depends
+        assert re.search(rf"^(Get|Unpacking).*{package}", install, re.M), install
+    for package in ("tunvpnd", "python3-pyroute2", "python3-sdnotify", "python3-yaml",
+                    "python3-cryptography", "python3-nacl"):
         assert any(line.startswith(f"{package} install ok installed") for line in status), status
+    assert any(line.startswith("python3-cryptography install ok installed 38.")
+               for line in status), status
     assert ok("shebang") == "#!/usr/bin/python3"
     assert ok("version") == f"tunvpnd {VERSION}"
     assert ": OK: client tun0 192.168.53.99/24" in ok("check_client")
     assert ": OK: server tun0 192.168.53.1/24" in ok("check_server")
+    checked = ok("check_wg")
+    assert ": OK: client tun0 192.168.53.99/24" in checked and ": OK: server tun0" in checked
     package_file, pyroute2_file, pyroute2_version = ok("modules").splitlines()
     assert package_file == "/usr/lib/python3/dist-packages/tunvpnd/__init__.py"
     assert pyroute2_file.startswith("/usr/lib/python3/dist-packages/pyroute2/")
@@ -285,7 +304,10 @@ def test_installs_and_runs_in_a_throwaway_root(deb):
 def test_installed_package_runs_the_tunnel_under_systemd(deb):
     """dpkg -i in a systemd box, then tunvpnd@server and tunvpnd@client from the installed
     files only: /usr/bin/tunvpnd on Debian's python3 and pyroute2 0.7.2, the unit from
-    /usr/lib/systemd/system, profiles copied from /usr/share/doc/tunvpnd/examples."""
+    /usr/lib/systemd/system, profiles copied from /usr/share/doc/tunvpnd/examples. Then the
+    secure examples, tunvpnd@wg-server and tunvpnd@wg-client, on Debian's python3-cryptography
+    38 and python3-nacl, with keys made by `tunvpnd genkey` as root-only /etc/tunvpn/NAME.key
+    that the units' DynamicUser reads through LoadCredential=."""
     from tests.sdbox import SystemdBox, assert_host_same, host_snapshot
 
     before = host_snapshot()
@@ -312,6 +334,60 @@ def test_installed_package_runs_the_tunnel_under_systemd(deb):
                           "tunvpnd"]).stdout
         assert "192.168.60.0/24 dev tun0" in routes  # rt_protos.d names our routes
         box.systemctl("stop", "tunvpnd@client", "tunvpnd@server")
+        run_wireguard_examples(box)
     finally:
         box.stop()
     assert_host_same(before, host_snapshot(), box.name)
+
+
+WG_NETNS = {"wg-server": "lab-server", "wg-client": "lab-hostu"}
+
+
+def run_wireguard_examples(box) -> None:
+    """The installed wg-*.yaml examples under the installed unit, keys as their comments say."""
+    assert box.run(["/usr/bin/python3", "-c", "import cryptography; print(cryptography."
+                    "__version__)"]).stdout.startswith("38.")
+    public = {}
+    for instance, netns in WG_NETNS.items():
+        box.run(["sh", "-c", f"umask 077; /usr/bin/tunvpnd genkey > /etc/tunvpn/{instance}.key"])
+        public[instance] = box.run(["sh", "-c", f"/usr/bin/tunvpnd pubkey < "
+                                    f"/etc/tunvpn/{instance}.key"]).stdout.strip()
+        box.write_file(f"/etc/systemd/system/tunvpnd@{instance}.service.d/netns.conf",
+                       f"[Service]\nNetworkNamespacePath=/run/netns/{netns}\n")
+    assert box.run(["stat", "-c", "%U %a", "/etc/tunvpn/wg-client.key"]).stdout.split() == \
+        ["root", "600"]
+    client = box.read_file("/usr/share/doc/tunvpnd/examples/wg-client.yaml")
+    client = re.sub(r"(?m)^(server_public_key: )\S+", rf"\g<1>{public['wg-server']}", client)
+    server = box.read_file("/usr/share/doc/tunvpnd/examples/wg-server.yaml")
+    server = re.sub(r"(?m)^(    public_key: )\S+", rf"\g<1>{public['wg-client']}", server)
+    box.write_file("/etc/tunvpn/wg-client.yaml", client)
+    box.write_file("/etc/tunvpn/wg-server.yaml", server)
+    box.systemctl("daemon-reload")
+    box.systemctl("start", "tunvpnd@wg-server")  # listening before the first initiation
+    box.systemctl("start", "tunvpnd@wg-client")
+
+    def pings() -> bool:
+        return box.run(["ip", "netns", "exec", "lab-hostu", "ping", "-c", "1", "-W", "1",
+                        "192.168.60.5"], check=False).returncode == 0
+
+    wait_until(pings, 30, what="a ping through the wireguard tunnel")
+    box.run(["ip", "netns", "exec", "lab-hostu", "ping", "-c", "3", "-i", "0.2", "-W", "2",
+             "192.168.60.5"])
+    for instance in WG_NETNS:
+        unit = f"tunvpnd@{instance}.service"
+        pid = box.systemctl("show", "-p", "MainPID", "--value", unit).stdout.strip()
+        assert box.read_file(f"/proc/{pid}/cmdline").split("\0")[:2] == \
+            ["/usr/bin/python3", "/usr/bin/tunvpnd"]
+        maps = box.read_file(f"/proc/{pid}/maps")
+        # secure mode runs on Debian's libraries, not the venv's
+        assert "/usr/lib/python3/dist-packages/cryptography/" in maps, unit
+        assert "/usr/lib/python3/dist-packages/nacl/" in maps, unit
+        assert "/opt/tunvpnd/" not in maps, unit
+        uid = re.search(r"^Uid:\s+(\d+)", box.read_file(f"/proc/{pid}/status"), re.M).group(1)
+        assert uid != "0"  # the DynamicUser, which only has the key as a credential
+        assert box.run(["stat", "-c", "%u", f"/run/credentials/{unit}/{instance}.key"]
+                       ).stdout.strip() == uid
+    wait_until(lambda: "server up, handshake" in box.systemctl(
+        "show", "-p", "StatusText", "--value", "tunvpnd@wg-client").stdout, 30, interval=0.2,
+        what="the handshake in tunvpnd@wg-client's STATUS")
+    box.systemctl("stop", "tunvpnd@wg-client", "tunvpnd@wg-server")

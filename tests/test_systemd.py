@@ -1,9 +1,11 @@
 """tunvpnd@.service under a real systemd (PID 1 of a throw-away box, tests/sdbox.py).
 
 Inside each box: the lab topology in network namespaces, the shipped unit with a test-only
-drop-in `NetworkNamespacePath=` per instance (the client in HostU, the server in the VPN server
-host), profiles in /etc/tunvpn, and the daemon as installed on the host (/usr/local/bin/tunvpnd,
-the venv under /opt/tunvpnd). Everything the unit's hardening forbids would fail here.
+drop-in `NetworkNamespacePath=` per instance (the client in HostU, client2 in HostU2, the server
+in the VPN server host), profiles in /etc/tunvpn, and the daemon as installed on the host
+(/usr/local/bin/tunvpnd, the venv under /opt/tunvpnd). Everything the unit's hardening forbids
+would fail here. Secure mode: wireguard profiles whose keys are root-only files in /etc/tunvpn,
+read by the DynamicUser through the unit's LoadCredential= lines only.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ import pytest
 
 from tests.conftest import REPO, client_profile, server_profile
 from tests.sdbox import SystemdBox, assert_host_same, host_snapshot
+from tests.test_wgtunnel import Keys, client_text, server_text
 from tunvpnd.lab import wait_until
+from tunvpnd.wireguard import keys as wgkeys
 
 UNIT = REPO / "systemd" / "tunvpnd@.service"
 TARGET = REPO / "systemd" / "tunvpnd.target"
 PYTHON = "/opt/tunvpnd/bin/python"
 HOSTV = "192.168.60.5"
-NETNS = {"client": "lab-hostu", "server": "lab-server"}
+NETNS = {"client": "lab-hostu", "client2": "lab-hostu2", "server": "lab-server"}
 CAP_NET_ADMIN = 1 << 12
-
 
 
 @pytest.fixture
@@ -48,7 +51,7 @@ def install(box: SystemdBox) -> None:
     for instance, netns in NETNS.items():
         box.write_file(f"/etc/systemd/system/tunvpnd@{instance}.service.d/test-netns.conf",
                        f"[Service]\nNetworkNamespacePath=/run/netns/{netns}\n")
-    box.run([PYTHON, "-c", "from tunvpnd.lab import Lab; Lab('lab').up()"])
+    box.run([PYTHON, "-c", "from tunvpnd.lab import Lab; Lab('lab', extra_clients=1).up()"])
     box.write_file("/etc/tunvpn/server.yaml", server_profile())
     box.write_file("/etc/tunvpn/client.yaml", client_profile())
     box.systemctl("daemon-reload")
@@ -294,3 +297,183 @@ def test_crash_without_restart_is_cleaned_up_by_exec_stop_post(box):
     assert forwarding(box, "server") == before
     assert any("undid what a crashed run left behind" in m
                for m in messages(box, "tunvpnd@server"))
+
+
+# -- secure mode: keys through LoadCredential=, reload with two peers --------------------------
+
+HOSTU2_ADDRESS = "192.168.53.98"
+
+
+def status_text(box: SystemdBox, unit: str) -> str:
+    return show(box, unit, "StatusText")
+
+
+def wait_status(box: SystemdBox, unit: str, predicate, timeout: float = 30) -> str:
+    found = []
+
+    def check() -> bool:
+        found[:] = [status_text(box, unit)]
+        return predicate(found[0])
+
+    wait_until(check, timeout, interval=0.2, what=f"{unit}'s STATUS (last: {found})")
+    return found[0]
+
+
+def handshake_age(status: str, peer: str) -> int:
+    found = re.search(rf"\b{peer} up, handshake (\d+)s ago", status)
+    return int(found.group(1)) if found else -1
+
+
+def start_wireguard(box: SystemdBox, *clients: str) -> None:
+    """The server first, so that the clients' first handshake initiation finds it listening
+    (a lost one is only retried after REKEY_TIMEOUT, 5 s); then a ping through each client."""
+    box.systemctl("start", "tunvpnd@server")
+    for client in clients:
+        box.systemctl("start", f"tunvpnd@{client}")
+        wait_until(lambda client=client: in_netns(box, client, "ping", "-c", "1", "-W", "1",
+                                                  HOSTV, check=False).returncode == 0,
+                   30, what=f"a ping through tunvpnd@{client}")
+
+
+def write_key(box: SystemdBox, path: str, key: bytes) -> None:
+    """A key file as an operator makes one: root's, mode 0600 (`umask 077; tunvpnd genkey`)."""
+    box.write_file(path, wgkeys.encode_key(key) + "\n", mode=0o600)
+
+
+def second_client(tmp_path) -> Keys:
+    """client2's own keys (only .client and .client_pub are used)."""
+    directory = tmp_path / "client2"
+    directory.mkdir()
+    return Keys(directory)
+
+
+def client2_text(keys: Keys) -> str:
+    """HostU2's profile: the same server, its own key file and tunnel address."""
+    return (client_text(keys).replace("client.key", "client2.key")
+            .replace("192.168.53.99/24", f"{HOSTU2_ADDRESS}/24"))
+
+
+def client2_peer(other: Keys) -> str:
+    return f"""\
+  - name: hostu2
+    public_key: {wgkeys.encode_key(other.client_pub)}
+    allowed_ips: [{HOSTU2_ADDRESS}/32]
+"""
+
+
+def install_wireguard(box: SystemdBox, keys: Keys, psk: bool = False) -> None:
+    """wireguard profiles for tunvpnd@server and tunvpnd@client, their keys root-only in
+    /etc/tunvpn: NAME.key and the client's NAME.psk through the shipped unit's LoadCredential=,
+    the server's per-peer preshared key through a drop-in (as the unit's comment says)."""
+    write_key(box, "/etc/tunvpn/server.key", keys.server)
+    write_key(box, "/etc/tunvpn/client.key", keys.client)
+    box.write_file("/etc/tunvpn/server.yaml", server_text(keys, psk))
+    box.write_file("/etc/tunvpn/client.yaml",
+                   client_text(keys, psk).replace("shared.psk", "client.psk"))
+    if psk:
+        write_key(box, "/etc/tunvpn/client.psk", keys.psk)
+        write_key(box, "/etc/tunvpn/shared.psk", keys.psk)
+        box.write_file("/etc/systemd/system/tunvpnd@server.service.d/psk.conf",
+                       "[Service]\nLoadCredential=shared.psk:/etc/tunvpn/shared.psk\n")
+        box.systemctl("daemon-reload")
+
+
+@pytest.mark.parametrize("default", ["\n", "\0", ""])
+def test_the_units_blank_credential_default_means_not_given(tmp_path, monkeypatch, default):
+    """What the unit's `SetCredential=%i.key:\\n` leaves when /etc/tunvpn/NAME.key is missing
+    is no key: the daemon looks beside the profile; a real credential still wins."""
+    credentials, profiles = tmp_path / "credentials", tmp_path / "etc"
+    credentials.mkdir()
+    profiles.mkdir()
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    (credentials / "client.key").write_text(default)
+    assert wgkeys.find_key_file("client.key", profiles) == profiles / "client.key"
+    (credentials / "client.key").write_text(wgkeys.encode_key(bytes(32)) + "\n")
+    assert wgkeys.find_key_file("client.key", profiles) == credentials / "client.key"
+
+
+def test_wireguard_keys_reach_the_dynamic_user_only_as_credentials(box, tmp_path):
+    keys = Keys(tmp_path)
+    install_wireguard(box, keys, psk=True)
+    start_wireguard(box, "client")
+    wait_status(box, "tunvpnd@server", lambda s: handshake_age(s, "hostu") >= 0)
+    wait_status(box, "tunvpnd@client", lambda s: "server up, handshake" in s)
+    for instance in ("client", "server"):
+        unit = f"tunvpnd@{instance}.service"
+        pid = show(box, unit, "MainPID")
+        proc = box.read_file(f"/proc/{pid}/status")
+        uid = re.search(r"^Uid:\s+(\d+)", proc, re.M).group(1)
+        assert uid != "0"
+        # the key file itself stays root's: the unit's user cannot open it ...
+        for name in (f"{instance}.key", "client.psk" if instance == "client" else "shared.psk"):
+            denied = box.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                              "cat", f"/etc/tunvpn/{name}"], check=False)
+            assert denied.returncode != 0 and "Permission denied" in denied.stderr, name
+            assert box.run(["stat", "-c", "%U %a", f"/etc/tunvpn/{name}"]).stdout.split() == \
+                ["root", "600"]
+            # ... it reads systemd's copy, which only it (and root) can read
+            copy = f"/run/credentials/{unit}/{name}"
+            assert box.run(["stat", "-c", "%u %a", copy]).stdout.split() == [uid, "400"]
+            assert box.read_file(copy).strip() == box.read_file(f"/etc/tunvpn/{name}").strip()
+        environ = box.read_file(f"/proc/{pid}/environ").split("\0")
+        assert f"CREDENTIALS_DIRECTORY=/run/credentials/{unit}" in environ
+        log = box.journalctl("-u", unit, "-o", "cat").stdout
+        for secret in keys.secrets():
+            assert secret not in log
+        assert "Traceback" not in log
+
+
+def test_wireguard_profile_without_its_key_fails_clearly(box, tmp_path):
+    """No /etc/tunvpn/client.key: the unit starts (the blank SetCredential= default stands in),
+    the daemon refuses the profile with exit 78 naming the missing file, and is not restarted."""
+    keys = Keys(tmp_path)
+    box.write_file("/etc/tunvpn/client.yaml", client_text(keys))
+    result = box.systemctl("start", "tunvpnd@client", check=False)
+    assert result.returncode != 0
+    assert show(box, "tunvpnd@client", "ExecMainStatus") == "78"
+    lines = messages(box, "tunvpnd@client", "-p", "err")
+    assert any("private_key_file: /etc/tunvpn/client.key" in m and "no such key file" in m
+               for m in lines), lines
+    assert show(box, "tunvpnd@client", "NRestarts") == "0"
+
+
+def test_reload_adds_a_wireguard_peer_and_keeps_the_other_session(box, tmp_path):
+    """Server with peer hostu (a running session), then `systemctl reload` with peer hostu2 too:
+    hostu's pings never stop, its handshake is not redone, hostu2 comes up through the server."""
+    keys = Keys(tmp_path)
+    other = second_client(tmp_path)
+    install_wireguard(box, keys)
+    write_key(box, "/etc/tunvpn/client2.key", other.client)
+    box.write_file("/etc/tunvpn/client2.yaml", client2_text(keys))
+    start_wireguard(box, "client")
+    pid = show(box, "tunvpnd@server", "MainPID")
+    before = handshake_age(wait_status(box, "tunvpnd@server",
+                                       lambda s: handshake_age(s, "hostu") >= 3), "hostu")
+    pinger = box.popen(["ip", "netns", "exec", NETNS["client"], "ping", "-c", "50", "-i", "0.1",
+                        "-W", "1", HOSTV], stdout=subprocess.PIPE, text=True)
+    try:
+        # a new key file is no credential until a restart: that reload is refused, nothing lost
+        write_key(box, "/etc/tunvpn/hostu2.psk", keys.psk)
+        box.write_file("/etc/tunvpn/server.yaml", server_text(
+            keys, extra_peers=client2_peer(other) + "    preshared_key_file: hostu2.psk\n"))
+        box.systemctl("reload", "tunvpnd@server")
+        wait_until(lambda: any("hostu2.psk: cannot open the key file: Permission denied" in m
+                               for m in messages(box, "tunvpnd@server", "-p", "err")), 10,
+                   what="the refused reload in the journal")
+        box.write_file("/etc/tunvpn/server.yaml",
+                       server_text(keys, extra_peers=client2_peer(other)))
+        box.systemctl("reload", "tunvpnd@server")
+        wait_status(box, "tunvpnd@server", lambda s: "hostu2 down, no handshake yet" in s)
+        start_wireguard(box, "client2")  # (the server is running: start is a no-op)
+        out, _ = pinger.communicate(timeout=60)
+    finally:
+        if pinger.poll() is None:
+            pinger.kill()
+            pinger.communicate()
+    assert "50 packets transmitted, 50 received" in out, out  # hostu's session never dropped
+    status = wait_status(box, "tunvpnd@server", lambda s: handshake_age(s, "hostu2") >= 0)
+    # the same handshake as before the reload, only older: not re-handshaked
+    assert handshake_age(status, "hostu") >= before, status
+    assert show(box, "tunvpnd@server", "MainPID") == pid
+    assert "dropped 0" in status, status
+    assert any("reloaded" in m for m in messages(box, "tunvpnd@server"))

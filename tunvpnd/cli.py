@@ -1,5 +1,5 @@
 """Command line: `tunvpnd run|check PROFILE`, `tunvpnd show [NAME]`, `tunvpnd lab up|demo|down`,
-`tunvpnd genkey|pubkey|genpsk` (WireGuard keys, as `wg` makes them)."""
+`tunvpnd genkey|pubkey|genpsk` (WireGuard keys, as `wg` makes them), `tunvpnd import WG_CONF`."""
 
 from __future__ import annotations
 
@@ -45,11 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     lab = commands.add_parser("lab", help="the SEED lab topology in network namespaces")
     lab.add_argument("action", choices=("up", "demo", "down"))
     lab.add_argument("--prefix", default="tvlab", help="namespace name prefix (default tvlab)")
+    lab.add_argument("--wire", choices=("plain", "wireguard"), default="plain",
+                     help="up/demo: the wire the daemons speak (default plain; wireguard: "
+                     "the wg-*.yaml examples with fresh keys)")
     for name, text in (("genkey", "print a new WireGuard private key (as `wg genkey`)"),
                        ("pubkey", "read a private key on stdin, print its public key (as "
                         "`wg pubkey`)"),
                        ("genpsk", "print a new preshared key (as `wg genpsk`)")):
         commands.add_parser(name, help=text)
+    imports = commands.add_parser("import", help="turn a wg-quick config into a profile "
+                                  "(DIR/NAME.yaml) and its key files")
+    imports.add_argument("config", help="a wg-quick file, such as /etc/wireguard/wg0.conf")
+    imports.add_argument("--name", help="the profile's name (default: the file's stem)")
+    imports.add_argument("--out", metavar="DIR", help="where to write it (default: "
+                         "$TUNVPN_CONFIG_DIR or /etc/tunvpn)")
+    imports.add_argument("--force", action="store_true", help="replace an existing profile "
+                         "and its key files")
     args = parser.parse_args(argv)
     if args.command == "run":
         # Held, not lost, until the daemon's handlers are in place (service.Daemon._signals):
@@ -59,15 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lab":
         from . import lab as lab_module
 
-        action = {"up": lab_module.lab_up, "demo": lab_module.lab_demo,
-                  "down": lab_module.lab_down}[args.action]
-        return action(args.prefix)
+        if args.action == "down":
+            return lab_module.lab_down(args.prefix)
+        action = {"up": lab_module.lab_up, "demo": lab_module.lab_demo}[args.action]
+        return action(args.prefix, wire=args.wire)
     if args.command == "cleanup":
         return cleanup(args.profile)
     if args.command == "show":
         return show(args.name, args.json, args.check, args.max_age)
     if args.command in ("genkey", "genpsk", "pubkey"):
         return key_command(args.command)
+    if args.command == "import":
+        from .importer import import_command
+
+        return import_command(args.config, args.name, args.out, args.force)
     return run_or_check(args.command, args.profile, args.config_dir)
 
 

@@ -1,8 +1,10 @@
 """The SEED VPN lab in network namespaces, for `tunvpnd lab`, the tests and the benchmark.
 
     topology.py   the hosts and LANs as data; Lab builds them, runs processes in them, tears down
-    commands.py   `tunvpnd lab up|demo|down`: the lab with the VPN server and client running
+    commands.py   `tunvpnd lab up|demo|down [--wire wireguard]`: the lab with the VPN server
+                  and client running
     echo.py       the TCP echo server and client the demo and tests send through the tunnel
+    sniff.py      counts what crosses a lab interface on the VPN port (what the path can see)
 """
 
 from .commands import lab_demo, lab_down, lab_up

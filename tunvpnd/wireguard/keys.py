@@ -97,9 +97,26 @@ def find_key_file(name: str, profile_dir: Path) -> Path:
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
     if credentials and len(path.parts) == 1 and name not in (".", ".."):
         candidate = Path(credentials) / name
-        if os.path.lexists(candidate):
+        if os.path.lexists(candidate) and not _blank_credential(candidate):
             return candidate
     return profile_dir / path
+
+
+def _blank_credential(path: Path) -> bool:
+    """A credential holding only whitespace: tunvpnd@.service's SetCredential= default for a
+    key file that does not exist (systemd 252 fails the unit on a missing LoadCredential= file
+    otherwise). It means "not given", not "a bad key": look beside the profile instead."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # let read_key_file report it
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and not os.read(fd, KEY_FILE_LIMIT).strip(
+            _SPACE + b"\0")
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def read_key_file(name: str, profile_dir: Path, private: bool) -> bytes:
