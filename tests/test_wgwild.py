@@ -355,7 +355,9 @@ def test_wireguard_go_client_recovers_after_tunvpnd_server_restart(
     assert before > 0
     old_pid = server.pid
     assert server.stop() == 0
-    # the old session's pings now go nowhere
+    # the old session's pings now go nowhere; the first one unanswered arms wireguard-go's
+    # new-handshake timer (data sent, nothing authenticated back: 15 s + jitter)
+    silent = time.monotonic()
     lost = ping(lab, "hostu", HOSTV, count=1, check=False)
     assert ping_counts(lost.stdout) == (1, 0)
     server.restart()
@@ -369,12 +371,13 @@ def test_wireguard_go_client_recovers_after_tunvpnd_server_restart(
 
     wait_until(pings, 45, interval=0.2, what="a ping through the restarted server")
     took = time.monotonic() - restarted
+    since_silent = time.monotonic() - silent
     print(f"server-knows-endpoint={server_knows_endpoint}: recovered {took:.1f} s after the "
-          f"restarted server was READY")
+          f"restarted server was READY, {since_silent:.1f} s after the first unanswered ping")
     if server_knows_endpoint:
         assert took < 10
     else:   # wireguard-go's 15 s (+ jitter) rule, with room for a loaded machine
-        assert 10 < took < 35
+        assert 14.5 < since_silent < 40
     wait_until(lambda: wg_dump(lab, wg)["latest_handshake"] > before, 10,
                what="a new handshake in wg show")
     pinged = ping(lab, "hostu", HOSTV, count=5)
@@ -424,7 +427,8 @@ def test_server_follows_a_restarted_tunvpnd_client_to_its_new_port(lab, daemons,
 
     def client_port() -> int:
         lines = in_ns(lab, "hostu", ["ss", "-Hnu", "dst", "10.9.0.11:9090"]).stdout
-        (local,) = [line.split()[3] for line in lines.splitlines() if line.strip()]
+        (local,) = [field for line in lines.splitlines() for field in line.split()
+                    if field.startswith("10.9.0.5:")]
         return int(local.rpartition(":")[2])
 
     old_port = client_port()
