@@ -241,6 +241,45 @@ def sniff_ports(lab, new_port: int, want: int = 5, timeout: float = 30):
             sniffer.communicate()
 
 
+# Run in a host: one JSON line per WireGuard handshake message (148-byte initiation, 92-byte
+# response) crossing eth0, with its direction and time, for at most argv[1] seconds.
+HANDSHAKE_SNIFFER = r"""
+import json, socket, sys, time
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(3))   # ETH_P_ALL
+raw.bind(("eth0", 3))
+raw.settimeout(0.5)
+print("ready", flush=True)
+deadline = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < deadline:
+    try:
+        frame, (_, proto, kind, *_rest) = raw.recvfrom(65536)
+    except socket.timeout:
+        continue
+    if proto != 0x0800 or frame[9] != 17:
+        continue
+    payload = frame[(frame[0] & 15) * 4 + 8:]
+    if (payload[:4], len(payload)) in ((b"\1\0\0\0", 148), (b"\2\0\0\0", 92)):
+        print(json.dumps({"t": time.monotonic(), "type": payload[0],
+                          "out": kind == socket.PACKET_OUTGOING}), flush=True)
+"""
+
+
+def handshake_sniffer(lab, role: str, seconds: float) -> subprocess.Popen:
+    sniffer = lab.spawn(role, [sys.executable, "-c", HANDSHAKE_SNIFFER, str(seconds)],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert sniffer.stdout.readline().strip() == "ready"
+    return sniffer
+
+
+def handshakes_seen(sniffer: subprocess.Popen, since: float) -> list[tuple[int, str, int]]:
+    """(message type, "out"/"in", seconds after `since`) per handshake message it saw."""
+    if sniffer.poll() is None:
+        sniffer.terminate()
+    out, _err = sniffer.communicate(timeout=10)
+    return [(m["type"], "out" if m["out"] else "in", round(m["t"] - since))
+            for m in map(json.loads, out.splitlines())]
+
+
 # --- 1. rekey past 120 s, both roles, no ping lost (THE SLOW ONE) -------------------------------
 
 
@@ -270,6 +309,8 @@ def test_slow_rekey_after_120s_loses_no_ping_both_roles(lab, lab2, daemons, sock
     assert first_a["latest_handshake"] > 0 and first_b["latest_handshake"] > 0
     client_a.wait_status(lambda s: handshake_age(s, "server") is not None)
     server_b.wait_status(lambda s: handshake_age(s, "hostu") is not None)
+    # on the tunvpnd side of each: who sent the rekey's initiation and who answered
+    sniffers = [handshake_sniffer(lab, "hostu", 200), handshake_sniffer(lab2, "server", 200)]
     started = time.monotonic()
     argv = ["ping", "-4", "-c", str(REKEY_PINGS), "-i", "0.2", "-W", "2", "-w", "200", HOSTV]
     pingers = [one.spawn("hostu", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -297,8 +338,9 @@ def test_slow_rekey_after_120s_loses_no_ping_both_roles(lab, lab2, daemons, sock
                 f"{wg_dump(lab, wg_a)} B {wg_dump(lab2, wg_b)}; client A: "
                 f"{client_a.status()}; server B: {server_b.status()}") from None
         outputs = [p.communicate(timeout=120)[0] for p in pingers]
+        seen_a, seen_b = (handshakes_seen(one, started) for one in sniffers)
     finally:
-        for p in pingers:
+        for p in pingers + sniffers:
             if p.poll() is None:
                 p.kill()
                 p.communicate()
@@ -308,6 +350,12 @@ def test_slow_rekey_after_120s_loses_no_ping_both_roles(lab, lab2, daemons, sock
           f"{rekeyed['B']:.0f} s (B, wireguard-go initiator); pings (sent, received) "
           f"A {counts[0]} B {counts[1]} in {took:.0f} s")
     assert counts == [(REKEY_PINGS, REKEY_PINGS)] * 2, outputs
+    # A: our client sent the initiation, wireguard-go answered; B: wireguard-go initiated,
+    # our server answered. (Exactly one handshake each: no retry, no second rekey.)
+    print(f"handshake messages (type, direction, s): A {seen_a} B {seen_b}")
+    assert [(kind, way) for kind, way, _t in seen_a] == [(1, "out"), (2, "in")], seen_a
+    assert [(kind, way) for kind, way, _t in seen_b] == [(1, "in"), (2, "out")], seen_b
+    assert all(100 < t < 135 for *_rest, t in seen_a + seen_b), (seen_a, seen_b)
     for name, wg, one, first in (("A", wg_a, lab, first_a), ("B", wg_b, lab2, first_b)):
         last = wg_dump(one, wg)
         assert last["latest_handshake"] - first["latest_handshake"] >= 115, (name, first, last)
