@@ -217,7 +217,12 @@ def delete_table(name: str) -> bool:
     """Remove our table `name` if it is there (for the state file's undo). True if it was."""
     if not name.startswith(TABLE_PREFIX):
         raise NatError(f"{name!r} is not a tunvpnd nftables table: left alone")
-    sock = _socket()
+    try:
+        sock = NFTSocket(nfgen_family=NFPROTO_INET)
+    except OSError as error:
+        if error.errno in _NOT_THERE:
+            return False  # a kernel without nftables holds no table of ours
+        raise NatError(f"remove nftables table inet {name}: {error.strerror}") from None
     try:
         there = _table_exists(sock, name)
         if there:
@@ -235,7 +240,7 @@ def _table_exists(sock: NFTSocket, table: str) -> bool:
     try:
         sock.request_get(msg, NFT_MSG_GETTABLE, NLM_F_REQUEST | NLM_F_ACK)
     except NetlinkError as error:
-        if error.code == errno.ENOENT:
+        if error.code in _NOT_THERE:  # no such table, or no nf_tables at all
             return False
         raise
     return True
@@ -255,6 +260,8 @@ class Masquerade:
     `record(name)` is called before the table is first made (the state file: a run killed
     with -9 leaves it to the next start or `tunvpnd cleanup`); removal goes through that undo.
     """
+
+    CHECK_INTERVAL = CHECK_INTERVAL
 
     def __init__(self, instance: str, record: Callable[[str], None]) -> None:
         self.table = table_name(instance)
