@@ -263,10 +263,10 @@ class Masquerade:
 
     CHECK_INTERVAL = CHECK_INTERVAL
 
-    def __init__(self, instance: str, record: Callable[[str], None]) -> None:
+    def __init__(self, instance: str, record: Callable[[str], None], sock: Any = None) -> None:
         self.table = table_name(instance)
         self._record = record
-        self._sock = _socket()
+        self._sock = sock or _socket()  # tests may pass a fake with nlm_request_batch()
         self._rules: list[list[dict]] = []
         self._broken = False  # repair() failed: say so once, and once when it works again
 
