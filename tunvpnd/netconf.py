@@ -145,6 +145,9 @@ def _state_problem(state: Any) -> str | None:
                 if not ok:
                     kind = "a string" if field == "ifname" else "an integer"
                     return f"{key}[{i}].{field}: missing or not {kind}"
+    tables = state.get("nft_tables", [])
+    if not isinstance(tables, list) or not all(isinstance(t, str) for t in tables):
+        return "nft_tables: not a list of names"
     return None
 
 
@@ -160,7 +163,8 @@ class NetConfig:
             status["nlm_generator"] = False
         pid = os.getpid()
         self._state: dict[str, Any] = {
-            "pid": pid, "start": _start_time(pid), "forwarding": [], "routes_on": []}
+            "pid": pid, "start": _start_time(pid), "forwarding": [], "routes_on": [],
+            "nft_tables": []}
         # The file at state_path is ours once we wrote it or recovered what it held: until
         # then (an unreadable file, another live run's) restore() must leave it where it is.
         self._own_file = False
@@ -336,6 +340,12 @@ class NetConfig:
             if was == 0:
                 self._set_forwarding(idx, name, 1)
 
+    def record_nft_table(self, name: str) -> None:
+        """Note an nftables table of ours (tunvpnd.nat) in the state file before it is made."""
+        if name not in self._state["nft_tables"]:
+            self._state["nft_tables"].append(name)
+            self._save()
+
     def _undo(self, state: dict[str, Any]) -> list[str]:
         """Remove tagged routes and put forwarding flags back, on links that still exist."""
         lines: list[str] = []
@@ -361,6 +371,13 @@ class NetConfig:
                     lines.append(f"IPv4 forwarding on {name} set back to {was}")
                 except NetConfigError as e:
                     errors.append(str(e))
+        for name in state.get("nft_tables", []):
+            from .nat import delete_table  # here: a profile without masquerade never needs it
+            try:
+                if delete_table(name):
+                    lines.append(f"removed nftables table inet {name}")
+            except OSError as e:
+                errors.append(str(e))
         if errors:
             raise NetConfigError("; ".join(errors))
         return lines
@@ -423,6 +440,6 @@ class NetConfig:
     def restore(self) -> None:
         """Remove our routes, put forwarding back as recorded, delete the state file."""
         self._undo(self._state)
-        self._state["forwarding"], self._state["routes_on"] = [], []
+        self._state["forwarding"], self._state["routes_on"], self._state["nft_tables"] = [], [], []
         if self._own_file:
             self._remove_state_file()

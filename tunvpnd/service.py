@@ -68,6 +68,8 @@ class Daemon:
         self.core: Core | None = None
         self.device = None  # wire: wireguard: the tunvpnd.wireguard.device.Device
         self.servers = None  # control.Servers: the control socket and the WireGuard UAPI
+        self.nat = None  # server with masquerade: the tunvpnd.nat.Masquerade
+        self._next_nat_check = 0.0
         self._resolving: threading.Thread | None = None
         self._resolved: tuple | None = None
         self._resolved_for: tuple | None = None  # the profile's server that _resolved is for
@@ -134,6 +136,7 @@ class Daemon:
         self.netconf.sync_routes(self.ifindex, p.routes, strict=True)
         if p.forward:
             self.netconf.enable_forwarding(self.ifindex)
+        self._apply_masquerade(p)
         self._stop_point()
 
         peers = PeerTable()
@@ -180,6 +183,9 @@ class Daemon:
         if self.servers is not None:  # first: nobody asks about a tunnel going away
             self.servers.close()
             self.servers = None
+        if self.nat is not None:  # its table goes with the state file's other records
+            self.nat.close()
+            self.nat = None
         if self.netconf is not None:
             try:
                 self.netconf.restore()
@@ -357,6 +363,13 @@ class Daemon:
                     log.warning("reload: skipped %s", skipped)
         except Exception as error:  # noqa: BLE001 - a netlink refusal must not kill the tunnel
             log.error("reload: could not apply interface settings: %s", error)
+        nat_inputs = ("masquerade", "addresses", "routes", "peers")  # what its rules come from
+        if (new.masquerade or old.masquerade) and any(getattr(new, key) != getattr(old, key)
+                                                      for key in nat_inputs):
+            try:
+                self._apply_masquerade(new)
+            except OSError as error:  # the old rules stay: the batch is all or nothing
+                log.error("reload: %s", error)
         if new.peers != old.peers:
             self._replace_peers(new)
         elif self.device is not None and self._wireguard_peers(new) != \
@@ -472,6 +485,30 @@ class Daemon:
             peers.append(peer)
         return peers
 
+    def _apply_masquerade(self, profile: Profile) -> None:
+        """Server: source NAT for the tunnel networks out of the interfaces asked (tunvpnd.nat),
+        or none (a reload turning it off)."""
+        if not profile.masquerade:
+            if self.nat is not None:
+                self.nat.remove()
+                self.nat.close()
+                self.nat = None
+                log.info("masquerade off")
+            return
+        from .nat import Masquerade, tunnel_networks  # here: most profiles never need it
+
+        if self.nat is None:
+            self.nat = Masquerade(profile.name, self.netconf.record_nft_table)
+        networks = tunnel_networks(profile.addresses, profile.routes,
+                                   (net for peer in profile.peers for net in peer.allowed_ips))
+        out = None if profile.masquerade is True else profile.masquerade
+        self.nat.apply(networks, out, self.ifname)
+        shown = " ".join(map(str, networks[:PEERS_LISTED])) + (
+            f" and {len(networks) - PEERS_LISTED} more" if len(networks) > PEERS_LISTED else "")
+        log.info("masquerade: %s out of %s (nftables table inet %s)", shown,
+                 f"every interface but {self.ifname}" if out is None else " ".join(out),
+                 self.nat.table)
+
     def _apply_logging(self, profile: Profile) -> None:
         set_level(profile.log_level)
         self.core.log_packet = PacketLog() if profile.log_packets else None
@@ -506,6 +543,9 @@ class Daemon:
             self._expire_peers(now)
             self._report_refusals(now)
             self._settle_claims()
+            if self.nat is not None and now >= self._next_nat_check:
+                self.nat.repair()  # someone may have flushed the ruleset
+                self._next_nat_check = now + self.nat.CHECK_INTERVAL
         if self.device is not None:  # WireGuard's timers: handshakes, keepalives, expiry
             self.device.tick(now, time.time())
         elif p.keepalive:
