@@ -82,3 +82,44 @@ def test_public_keys_without_public_bytes_raw(monkeypatch):
 
     monkeypatch.setattr(keys, "X25519PrivateKey", OldPrivate)
     assert keys.public_key(private) == identity
+
+
+# -- the per-packet path ----------------------------------------------------------------------
+
+def _keypairs():
+    from tunvpnd.wireguard.keypair import Keypair
+
+    send, receive = os.urandom(32), os.urandom(32)
+    return Keypair(send, receive, 1, 2, 0.0, True), Keypair(receive, send, 2, 1, 0.0, False)
+
+
+def test_seal_pads_every_size_as_padding_size_says():
+    """Keypair.seal's inlined padding (to 16 bytes, never past the MTU; no MTU: always) is
+    send.go's calculatePaddingSize for every size, and open() gives the packet back."""
+    from tests.ipcraft import ipv4
+    from tunvpnd.wireguard.keypair import padding_size
+
+    ka, kb = _keypairs()
+    for mtu in (0, 1280, 1420):
+        for size in (0, *range(20, 1500, 7), 1420, 1421, 1424):
+            packet = ipv4("10.0.0.1", "10.0.0.2", bytes(size - 20)) if size else b""
+            sealed = ka.seal(memoryview(bytearray(packet)), mtu)
+            assert len(sealed) == 32 + size + padding_size(size, mtu), (mtu, size)
+            assert kb.open(memoryview(bytearray(sealed)))[1] == packet, (mtu, size)
+
+
+def test_open_trims_to_the_ip_length_and_refuses_what_is_not_ip():
+    from tests.ipcraft import ipv4, ipv6
+
+    ka, kb = _keypairs()
+    v4, v6 = ipv4("10.0.0.1", "10.0.0.2", b"a" * 9), ipv6("fd00::1", "fd00::2", b"b" * 5)
+    for packet in (v4, v6):
+        assert kb.open(ka.seal(packet + b"junk"))[1] == packet      # trailing bytes trimmed
+    bad = (b"\x45" + bytes(18),                        # IPv4 shorter than its header
+           v4[:2] + (19).to_bytes(2, "big") + v4[4:],   # IPv4 total length below 20
+           v4[:2] + (200).to_bytes(2, "big") + v4[4:],  # longer than what arrived
+           v6[:4] + (100).to_bytes(2, "big") + v6[6:],  # IPv6 payload length too long
+           b"\x60" + bytes(30),                        # IPv6 shorter than its header
+           b"\x20" + bytes(40))                        # neither version
+    for packet in bad:
+        assert kb.open(ka.seal(packet)) is None, packet

@@ -105,6 +105,7 @@ class WireGuardWire:
         self.device = device
         self.outbox = device.outbox  # the same list: the Device appends, the loop drains
         self.now = 0.0
+        self._receive = device.receive  # once per datagram: no attribute lookups
 
     def seal(self, packet: memoryview, peer: Peer) -> bytes | None:
         session = peer.session
@@ -115,9 +116,9 @@ class WireGuardWire:
     def open(self, datagram: memoryview, source: tuple) -> tuple[Peer, bytes] | None:
         if len(datagram) < _KEEPALIVE_SIZE or datagram[0] != _TRANSPORT:
             # a handshake message, a cookie reply or garbage: the slow path, on bytes
-            self.device.receive(bytes(datagram), source, self.now)
+            self._receive(bytes(datagram), source, self.now)
             return None
-        opened = self.device.receive(datagram, source, self.now)
+        opened = self._receive(datagram, source, self.now)
         if opened is None:
             return None
         session, packet = opened
