@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 import report
-from configs import BASELINE, CONFIG_NAMES, WIREGUARD, Tunnel, all_configs
+from configs import BASELINE, BASELINE_WG, CONFIG_NAMES, WIREGUARD, Tunnel, all_configs
 from measure import Options, measure, wait_reachable
 from scale import measure_scale
 from wgscale import measure_scale_wireguard
@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pings", type=int, default=None, help="pings (default 200, quick 50)")
     p.add_argument("--baseline", type=Path, metavar="CHECKOUT",
                    help="also measure the tunvpnd of another checkout (e.g. `git worktree add "
-                   "/tmp/base REV`) as tunvpnd-baseline, and print tunvpnd / tunvpnd-baseline")
+                   "/tmp/base REV`) as tunvpnd-baseline (and tunvpnd-wireguard-baseline), and "
+                   "print tunvpnd / tunvpnd-baseline (tunvpnd-wireguard / ...-baseline)")
     p.add_argument("--json", type=Path, default=BENCH / "results" / "latest.json")
     p.add_argument("--png", type=Path, default=BENCH / "results" / "latest.png")
     args = p.parse_args(argv)
@@ -63,7 +64,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.baseline = args.baseline.resolve()
         if "tunvpnd" in args.only and BASELINE not in args.only:
             args.only.append(BASELINE)
-    unknown = set(args.only) - {*CONFIG_NAMES, *SCALES, BASELINE}
+        if WIREGUARD in args.only and BASELINE_WG not in args.only and \
+                (args.baseline / "etc" / "tunvpn" / "wg-server.yaml").is_file():
+            args.only.append(BASELINE_WG)
+    unknown = set(args.only) - {*CONFIG_NAMES, *SCALES, BASELINE, BASELINE_WG}
     if unknown:
         p.error(f"unknown config(s) {', '.join(sorted(unknown))}")
     if args.peers == 0:
@@ -123,7 +127,7 @@ def versions(baseline: Path | None) -> dict[str, str]:
     found = {"python": platform.python_version(), "kernel": platform.release(),
              "tunvpnd": commit_of(BENCH.parent)}
     if baseline is not None:
-        found[BASELINE] = commit_of(baseline)
+        found[BASELINE] = found[BASELINE_WG] = commit_of(baseline)
     for tool, flag in (("openvpn", "--version"), ("wireguard-go", "--version"),
                        ("iperf3", "--version")):
         if shutil.which(tool):
@@ -207,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": {n: rounds[n] for n in configs},
         "summary": summary,
         "ratios": report.ratios(summary),
-        "ratios_wireguard": report.ratios(summary, WIREGUARD, report.SECURE_RATIO_BASES),
+        "ratios_wireguard": report.ratios(summary, WIREGUARD,
+                                          (*report.SECURE_RATIO_BASES, BASELINE_WG)),
     }
     if SCALE in rounds and rounds[SCALE]:
         results["scale"] = {"peers": args.peers, "rounds": rounds[SCALE],
