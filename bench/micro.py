@@ -10,6 +10,10 @@ for a 92-byte packet (what iperf3 -l 64 sends) and a 1420-byte one (a full TCP s
 and the server's cost of one handshake (Device.receive of an initiation from one of many
 peers: mac1, two DH, the response). Prints the best of --repeat runs in microseconds per
 packet (per handshake). Compare two checkouts by running each one's copy of this script.
+
+--cold: the same calls, one at a time after 10 ms asleep (as each packet of a ping finds the
+daemon): the median of --packets of them (default here 150). Warm and cold differ by
+one to two orders of magnitude on a shared VM; a ping's round trip is four cold calls.
 """
 
 from __future__ import annotations
@@ -153,12 +157,40 @@ def handshakes(count: int, repeat: int) -> float:
     return best(run, repeat)
 
 
+def cold(count: int) -> None:
+    """Median microseconds of one call made right after 10 ms of sleep."""
+    import statistics
+
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    aead, nonce, data = ChaCha20Poly1305(os.urandom(32)), bytes(12), bytes(96)
+    calls = {"ChaCha20Poly1305.encrypt 96 B": lambda: aead.encrypt(nonce, data, None)}
+    for name, (client, server) in (("plain", plain_pair()), ("wireguard", wireguard_pair())):
+        view = packet(92)
+        datagrams = iter([bytearray(client.outbound(view)[0]) for _ in range(count)])
+        calls[f"{name} outbound 92 B"] = lambda c=client, v=view: c.outbound(v)
+        calls[f"{name} inbound 92 B"] = lambda s=server, d=datagrams: s.inbound(
+            memoryview(next(d)), CLIENT_EP)
+    for name, call in calls.items():
+        took = []
+        for _ in range(count):
+            time.sleep(0.01)
+            started = time.perf_counter_ns()
+            call()
+            took.append(time.perf_counter_ns() - started)
+        print(f"cold {name:32} {statistics.median(took) / 1000:7.1f} us (median)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--packets", type=int, default=20000)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--handshakes", type=int, default=200)
+    p.add_argument("--cold", action="store_true", help="one call after each 10 ms asleep")
     args = p.parse_args(argv)
+    if args.cold:
+        cold(150 if args.packets == 20000 else args.packets)
+        return 0
     rows = {"plain": path("plain", *plain_pair(), args.packets, args.repeat),
             "wireguard": path("wireguard", *wireguard_pair(), args.packets, args.repeat)}
     print(f"{'us per packet':16}" + "".join(f"{k:>16}" for k in rows["plain"]))
