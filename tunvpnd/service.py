@@ -57,6 +57,11 @@ class Daemon:
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
         self.notifier = sdnotify.SystemdNotifier()
+        if self.notifier.socket is not None:
+            # Never wait for the reader: the kernel queues only net.unix.max_dgram_qlen (often
+            # 10) datagrams, and a blocked send would stop the loop and every packet with it.
+            # A message that does not fit is dropped (sdnotify ignores the error).
+            self.notifier.socket.setblocking(False)
         self.netconf: NetConfig | None = None
         self.lock_fd = -1
         self._stop_signal = 0
