@@ -284,3 +284,29 @@ def client_profile(server: str = "10.9.0.11", address: str = "192.168.53.99/24",
 
 def server_profile(address: str = "192.168.53.1/24", extra: str = "") -> str:
     return SERVER.format(address=address, extra=extra)
+
+
+@pytest.fixture
+def wggo_factory(lab, tmp_path):
+    """Start wireguard-go with `wggo_factory(role)` (in `lab`, or `on=` another lab); every
+    one stopped by PID and its /run/wireguard/NAME.sock removed at the end, even on failure."""
+    from tests.test_wginterop import WireguardGo
+
+    started: list = []
+
+    def start(role: str, on: Lab | None = None):
+        workdir = tmp_path / f"wg{len(started)}-{role}"
+        workdir.mkdir()
+        instance = WireguardGo(on or lab, role, workdir)
+        started.append(instance)
+        instance.start()
+        return instance
+
+    try:
+        yield start
+    finally:
+        for instance in started:
+            instance.stop()
+            assert not instance.sock.exists()
+            if instance.log.exists():
+                print(instance.log.read_text(errors="replace"))

@@ -457,25 +457,6 @@ def peer_dump(lab, wg: WireguardGo, public_key: str) -> dict:
             "latest_handshake": int(fields[4])}
 
 
-@pytest.fixture
-def wggo(lab, tmp_path):
-    started: list[WireguardGo] = []
-
-    def start(role: str) -> WireguardGo:
-        workdir = tmp_path / f"wg-{role}"
-        workdir.mkdir()
-        instance = WireguardGo(lab, role, workdir)
-        started.append(instance)
-        instance.start()
-        return instance
-
-    try:
-        yield start
-    finally:
-        for instance in started:
-            instance.stop()
-
-
 def imported(sockdir: Path, conf_text: str, name: str) -> str:
     """Import a wg-quick file named after a unique interface into the daemons' workdir."""
     conf = write(sockdir, unique("wgi")[:15], conf_text)
@@ -486,10 +467,10 @@ def imported(sockdir: Path, conf_text: str, name: str) -> str:
 @needs_wg
 @needs_wg_quick
 def test_an_imported_client_runs_against_wireguard_go_set_up_from_the_servers_file(
-        lab, daemons, sockdir, wggo, sides):
+        lab, daemons, sockdir, wggo_factory, sides):
     client, server, third = sides
     profile = imported(sockdir, client_conf(client, server), "client")
-    wg = wggo("server")
+    wg = wggo_factory("server")
     server_file = write(wg.workdir, "wgsrv", server_conf(client, server, third))
     setconf(lab, wg, server_file, ["192.168.53.1/24", "fd53::1/64"], [])
     in_ns(lab, "server", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
@@ -509,12 +490,12 @@ def test_an_imported_client_runs_against_wireguard_go_set_up_from_the_servers_fi
 @needs_wg
 @needs_wg_quick
 def test_an_imported_server_runs_against_wireguard_go_set_up_from_the_clients_file(
-        lab, daemons, sockdir, wggo, sides):
+        lab, daemons, sockdir, wggo_factory, sides):
     client, server, third = sides
     profile = imported(sockdir, server_conf(client, server, third), "server")
     in_ns(lab, "server", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])  # as wg-quick: forward off
     daemon = daemons(lab, "server", profile)
-    wg = wggo("hostu")
+    wg = wggo_factory("hostu")
     client_file = write(wg.workdir, "wg0", client_conf(client, server))
     setconf(lab, wg, client_file, ["192.168.53.99/24", "fd53::99/64"], ["192.168.60.0/24"])
     ping(lab, "hostu", HOSTV, count=3)

@@ -22,13 +22,12 @@ import pytest
 
 from tests.conftest import in_ns, ping, unique
 from tests.test_show import show, show_json
-from tests.test_wgtunnel import (  # noqa: F401 - wggo_factory is a fixture
+from tests.test_wgtunnel import (
     HAVE_WG,
     HOSTV,
     Keys,
     client_text,
     server_text,
-    wggo_factory,
 )
 from tunvpnd.lab import wait_until
 from tunvpnd.wireguard import keys as wgkeys
@@ -82,7 +81,7 @@ def quiet(lab, server_role: str, server_if: str, client_role: str, client_if: st
 
 @needs_wg
 def test_wg_reads_tunvpnd_as_it_reads_wireguard_go(lab, daemons, sockdir, ifnames,
-                                                   wggo_factory):  # noqa: F811
+                                                   wggo_factory):
     """wireguard-go client (hostu) <-> tunvpnd server, a preshared key: every `wg` view of each
     end has the same shape, and the numbers agree across the tunnel (tx of one is rx of the
     other: one byte definition) and with `tunvpnd show --json`."""
@@ -156,7 +155,7 @@ def test_wg_reads_tunvpnd_as_it_reads_wireguard_go(lab, daemons, sockdir, ifname
 
 @needs_wg
 def test_wg_reads_a_tunvpnd_client_as_a_wireguard_go_server_reads(
-        lab, daemons, sockdir, ifnames, wggo_factory):  # noqa: F811
+        lab, daemons, sockdir, ifnames, wggo_factory):
     """tunvpnd client (hostu) -> wireguard-go server: the client's view (no listen port of its
     choosing, a persistent keepalive, the server peer allowed everything) in the same shape."""
     keys = Keys(sockdir)

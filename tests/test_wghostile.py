@@ -34,13 +34,12 @@ import time
 import pytest
 
 from tests.conftest import REPO, in_ns, ping
-from tests.test_wgtunnel import (  # noqa: F401  (wggo_factory is a fixture)
+from tests.test_wgtunnel import (
     HOSTV,
     Keys,
     client_text,
     needs_wg,
     server_text,
-    wggo_factory,
 )
 from tunvpnd.lab import wait_until
 from tunvpnd.wireguard import cookie, noise
@@ -561,7 +560,7 @@ def cookie_then_handshake(story: list[str]) -> bool:
 @needs_wg
 @pytest.mark.parametrize("lab", [1], indirect=True)
 def test_wireguard_go_gets_a_cookie_under_load_and_completes_with_mac2(lab, daemons, sockdir,
-                                                                      wggo_factory):  # noqa: F811
+                                                                      wggo_factory):
     """The server is under load (a flood from hostu2): wireguard-go's first initiation gets a
     cookie reply instead of a DH; its retransmission 5 s later carries mac2 and completes the
     handshake; ping works through the tunnel while the flood goes on."""
@@ -602,7 +601,7 @@ def test_wireguard_go_gets_a_cookie_under_load_and_completes_with_mac2(lab, daem
 @needs_wg
 @pytest.mark.parametrize("lab", [1], indirect=True)
 def test_our_initiator_honours_a_cookie_from_wireguard_go_under_load(lab, daemons, sockdir,
-                                                                     wggo_factory):  # noqa: F811
+                                                                     wggo_factory):
     """wireguard-go as the server, under load: its handshake queue holds >= 128 of 1024 while
     bursts of initiations (valid mac1) arrive faster than its workers take them, and for 1 s
     after. Our client's initiation gets a cookie reply; its next one carries mac2, which

@@ -88,14 +88,14 @@ log:
 """
 
 
-def tcp_echo(lab, nbytes: int = ECHO_BYTES) -> float:
-    """A TCP echo of `nbytes` HostU -> HostV and back; seconds it took."""
+def tcp_echo(lab, nbytes: int = ECHO_BYTES, host: str = HOSTV) -> float:
+    """A TCP echo of `nbytes` HostU -> `host` (HostV, IPv4 or IPv6) and back; seconds."""
     echo = lab.spawn("hostv", [sys.executable, "-m", "tunvpnd.lab", "echo-server", "9000"],
                      stdout=subprocess.PIPE, text=True)
     try:
         assert "listening" in echo.stdout.readline()
         started = time.monotonic()
-        result = in_ns(lab, "hostu", [sys.executable, "-m", "tunvpnd.lab", "echo-client", HOSTV,
+        result = in_ns(lab, "hostu", [sys.executable, "-m", "tunvpnd.lab", "echo-client", host,
                                       "9000", str(nbytes)], timeout=60)
         took = time.monotonic() - started
         assert f"{nbytes} bytes echoed back identical" in result.stdout
@@ -243,27 +243,6 @@ def test_inner_source_outside_allowed_ips_is_dropped(lab, daemons, sockdir):
 
 
 # --- (2), (3): against wireguard-go ----------------------------------------------------------
-
-
-@pytest.fixture
-def wggo_factory(lab, tmp_path):
-    started: list[WireguardGo] = []
-
-    def start(role: str) -> WireguardGo:
-        workdir = tmp_path / role
-        workdir.mkdir()
-        instance = WireguardGo(lab, role, workdir)
-        started.append(instance)
-        instance.start()
-        return instance
-
-    try:
-        yield start
-    finally:
-        for instance in started:
-            instance.stop()
-            if instance.log.exists():
-                print(instance.log.read_text(errors="replace"))
 
 
 def wg_dump(lab, wg: WireguardGo) -> dict:

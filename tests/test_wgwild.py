@@ -26,7 +26,15 @@ import pytest
 
 from tests.conftest import in_ns, ping, unique
 from tests.test_wginterop import WireguardGo
-from tests.test_wgtunnel import HOSTV, Keys, client_text, needs_wg, server_text, wg_dump
+from tests.test_wgtunnel import (
+    HOSTV,
+    Keys,
+    client_text,
+    needs_wg,
+    server_text,
+    tcp_echo,
+    wg_dump,
+)
 from tunvpnd.lab import Lab, leftover_namespaces, wait_until
 from tunvpnd.wireguard import keys as wgkeys
 
@@ -50,30 +58,6 @@ def lab2():
     finally:
         topology.down()
         assert leftover_namespaces(topology.prefix) == []
-
-
-@pytest.fixture
-def wggo(tmp_path):
-    """Start wireguard-go with `wggo(lab, role)`; every one stopped by PID and its
-    /run/wireguard/NAME.sock removed at the end, even on failure."""
-    started: list[WireguardGo] = []
-
-    def start(lab: Lab, role: str) -> WireguardGo:
-        workdir = tmp_path / f"wg{len(started)}-{role}"
-        workdir.mkdir()
-        instance = WireguardGo(lab, role, workdir)
-        started.append(instance)
-        instance.start()
-        return instance
-
-    try:
-        yield start
-    finally:
-        for instance in started:
-            instance.stop()
-            assert not instance.sock.exists()
-            if instance.log.exists():
-                print(instance.log.read_text(errors="replace"))
 
 
 def v6_text(text: str) -> str:
@@ -165,37 +149,6 @@ def no_traceback(*daemons) -> None:
 
 
 # An echo server on [::]:9000 in HostV: one connection, everything sent back.
-ECHO6_SERVER = r"""
-import socket
-srv = socket.create_server(("::", 9000), family=socket.AF_INET6)
-srv.settimeout(60)
-print("listening", flush=True)
-conn, _ = srv.accept()
-conn.settimeout(60)
-while data := conn.recv(65536):
-    conn.sendall(data)
-conn.close()
-"""
-
-
-def tcp_echo6(lab, nbytes: int = ECHO_BYTES) -> float:
-    """A TCP echo of `nbytes` HostU -> [fd60::5]:9000 and back over IPv6; seconds it took."""
-    echo = lab.spawn("hostv", [sys.executable, "-c", ECHO6_SERVER], stdout=subprocess.PIPE,
-                     text=True)
-    try:
-        assert "listening" in echo.stdout.readline()
-        started = time.monotonic()
-        result = in_ns(lab, "hostu", [sys.executable, "-m", "tunvpnd.lab", "echo-client", HOSTV6,
-                                      "9000", str(nbytes)], timeout=60)
-        took = time.monotonic() - started
-        assert f"{nbytes} bytes echoed back identical" in result.stdout
-        return took
-    finally:
-        echo.kill()
-        echo.wait()
-        echo.stdout.close()
-
-
 # Run in the server: the UDP destination ports of what leaves eth0 from port 9090 to HostU,
 # in order (a raw packet socket sees outgoing frames), until `want` datagrams went to port
 # `new` or `timeout` seconds passed; then one JSON line.
@@ -284,21 +237,21 @@ def handshakes_seen(sniffer: subprocess.Popen, since: float) -> list[tuple[int, 
 
 
 @needs_wg
-def test_slow_rekey_after_120s_loses_no_ping_both_roles(lab, lab2, daemons, sockdir, wggo):
+def test_slow_rekey_after_120s_loses_no_ping_both_roles(lab, lab2, daemons, sockdir, wggo_factory):
     """Lab A: tunvpnd client -> wireguard-go server (our initiator rekeys after 120 s).
     Lab B: wireguard-go client -> tunvpnd server (wireguard-go rekeys, our responder answers
     and confirms). 5 pings a second each, across the 120 s mark: none lost; a new handshake
     on both sides (wg's latest-handshake moved on, tunvpnd's STATUS handshake age reset)."""
     keys = Keys(sockdir)
     # A, in `lab`
-    wg_a = wggo(lab, "server")
+    wg_a = wggo_factory("server")
     keys_a = copy.copy(keys)
     keys_a.server, keys_a.server_pub = wg_a.private, wg_a.public
     wg_as_server(lab, wg_a, keys.client_pub)
     client_a = daemons(lab, "hostu", client_text(keys_a), name="client-a")
     # B, in `lab2`
     keys_b = copy.copy(keys)
-    wg_b = wggo(lab2, "hostu")
+    wg_b = wggo_factory("hostu", on=lab2)
     keys_b.client, keys_b.client_pub = wg_b.private, wg_b.public
     server_b = daemons(lab2, "server", server_text(keys_b), name="server-b")
     wg_as_client(lab2, wg_b, keys.server_pub)
@@ -381,7 +334,7 @@ def with_peer_endpoint(text: str, endpoint: str, keepalive: int) -> str:
 @pytest.mark.parametrize("server_knows_endpoint", [False, True],
                          ids=["client-data-drives", "server-initiates"])
 def test_wireguard_go_client_recovers_after_tunvpnd_server_restart(
-        lab, daemons, sockdir, wggo, server_knows_endpoint):
+        lab, daemons, sockdir, wggo_factory, server_knows_endpoint):
     """Stop the tunvpnd server by PID and start it again with the same profile: its keypairs
     are gone, the wireguard-go client still sends on its old one. Nobody touches the client:
     pings work again within a deadline.
@@ -391,7 +344,7 @@ def test_wireguard_go_client_recovers_after_tunvpnd_server_restart(
     - server-initiates: the peer has `endpoint:` and the server `keepalive: 25`: the restarted
       server initiates at its first tick, so recovery is at once."""
     keys = Keys(sockdir)
-    wg = wggo(lab, "hostu")
+    wg = wggo_factory("hostu")
     keys.client, keys.client_pub = wg.private, wg.public
     text = server_text(keys)
     if server_knows_endpoint:
@@ -438,12 +391,12 @@ def test_wireguard_go_client_recovers_after_tunvpnd_server_restart(
 
 
 @needs_wg
-def test_server_follows_wireguard_go_client_to_a_new_port(lab, daemons, sockdir, wggo):
+def test_server_follows_wireguard_go_client_to_a_new_port(lab, daemons, sockdir, wggo_factory):
     """`wg set IF listen-port NEW` on the client (a NAT rebinding, in effect): the same
     session, a new source port. The tunvpnd server roams with the first authenticated datagram
     and sends to the new port: pings keep working, no new handshake needed."""
     keys = Keys(sockdir)
-    wg = wggo(lab, "hostu")
+    wg = wggo_factory("hostu")
     keys.client, keys.client_pub = wg.private, wg.public
     server = daemons(lab, "server", server_text(keys))
     wg_as_client(lab, wg, keys.server_pub)
@@ -507,7 +460,7 @@ V6_CASES = [
 
 
 @pytest.mark.parametrize(("client_kind", "server_kind", "underlay6"), V6_CASES)
-def test_ipv6_inside_the_tunnel(lab, daemons, sockdir, wggo, client_kind, server_kind,
+def test_ipv6_inside_the_tunnel(lab, daemons, sockdir, wggo_factory, client_kind, server_kind,
                                 underlay6):
     """fd53::/64 in the tunnel on both ends (allowed_ips fd53::99/128 for the client), HostV
     at fd60::5 behind the server: ping6 to the server's tunnel address and to HostV, a 1 MB
@@ -518,7 +471,7 @@ def test_ipv6_inside_the_tunnel(lab, daemons, sockdir, wggo, client_kind, server
     if underlay6:
         v6_underlay(lab)
         endpoint = "[fd09::11]:9090"
-    wg = wggo(lab, "hostu" if client_kind == "wireguard-go" else "server") \
+    wg = wggo_factory("hostu" if client_kind == "wireguard-go" else "server") \
         if "wireguard-go" in (client_kind, server_kind) else None
     ours = []                   # the tunvpnd daemons
     if server_kind == "wireguard-go":
@@ -545,7 +498,7 @@ def test_ipv6_inside_the_tunnel(lab, daemons, sockdir, wggo, client_kind, server
     assert ping_counts(pinged.stdout) == (3, 3)
     pinged = ping(lab, "hostu", HOSTV6, count=5, family="-6")
     assert ping_counts(pinged.stdout) == (5, 5)
-    took = tcp_echo6(lab)
+    took = tcp_echo(lab, host=HOSTV6)
     pinged4 = ping(lab, "hostu", HOSTV, count=2)
     assert ping_counts(pinged4.stdout) == (2, 2)
     print(f"{client_kind} -> {server_kind} (underlay {'IPv6' if underlay6 else 'IPv4'}): "

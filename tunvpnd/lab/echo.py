@@ -15,9 +15,15 @@ from collections.abc import Sequence
 
 
 def echo_server(port: int, once: bool = True, timeout: float = 60.0) -> int:
-    with socket.create_server(("0.0.0.0", port), reuse_port=False) as srv:
+    # IPv4 and IPv6 at once where the host has IPv6 (tests echo over both inside the tunnel)
+    if socket.has_dualstack_ipv6():
+        srv, where = socket.create_server(("::", port), family=socket.AF_INET6,
+                                          dualstack_ipv6=True), f"[::]:{port}"
+    else:
+        srv, where = socket.create_server(("0.0.0.0", port)), f"0.0.0.0:{port}"
+    with srv:
         srv.settimeout(timeout)
-        print(f"listening on 0.0.0.0:{port}", flush=True)
+        print(f"listening on {where}", flush=True)
         while True:
             conn, peer = srv.accept()
             total = 0
