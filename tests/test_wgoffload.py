@@ -179,7 +179,7 @@ for now, (src, dst, where) in enumerate([(a, b, ("10.0.0.1", 1)), (b, a, ("10.0.
                                          (a, b, ("10.0.0.1", 1))]):
     out = list(src.outbox)
     src.outbox.clear()
-    for datagram, _ in out:
+    for datagram, _, _ in out:
         dst.receive(datagram, where, 10.0 + now)
 assert b.peers[a.public_key].current is not None
 print("nacl" in sys.modules, "cryptography.hazmat.primitives.serialization" in sys.modules)
