@@ -203,6 +203,7 @@ class Lab:
         self.prefix = prefix or DEFAULT_PREFIX
         if not _PREFIX_RE.match(self.prefix):
             raise ValueError(f"bad lab prefix {self.prefix!r}")
+        self.internet = internet
         base = INTERNET_HOSTS if internet else BASE_HOSTS
         self.lans: dict[str, str] = INTERNET_LANS if internet else LANS
         used = {IPv4Interface(a.split()[0]).ip for h in base for _, a in h.links}
@@ -253,6 +254,10 @@ class Lab:
                 if names != ["lo"]:
                     raise RuntimeError(f"netns {name} is not fresh (links {names}); refusing")
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                if self.internet:  # no DAD: link-local addresses (and routes) final at once,
+                    self._sysctl(name, {  # so a test's "before" is the state that stays
+                        "/proc/sys/net/ipv6/conf/all/accept_dad": "0",
+                        "/proc/sys/net/ipv6/conf/default/accept_dad": "0"})
 
             sw = handles[self.switch]
             bridges = {}
@@ -286,26 +291,28 @@ class Lab:
             for ipr in handles.values():
                 ipr.close()
         for spec in self.specs:
-            if spec.forwarding:
-                self._forward(spec.role)
+            if spec.forwarding:  # IPv4 and IPv6: a router
+                self._sysctl(self.hosts[spec.role], {
+                    "/proc/sys/net/ipv4/ip_forward": "1",
+                    "/proc/sys/net/ipv6/conf/all/forwarding": "1"})
 
-    def _forward(self, role: str) -> None:
-        """IPv4 and IPv6 forwarding on in `role` (the sysctls are per namespace)."""
+    @staticmethod
+    def _sysctl(name: str, settings: dict[str, str]) -> None:
+        """Write sysctls of namespace `name` (/proc/sys/net shows the reader's namespace)."""
         pid = os.fork()
-        if pid == 0:  # the child enters the namespace; /proc/sys/net then shows its settings
+        if pid == 0:  # the child enters the namespace and writes; we never leave ours
             code = 1
             try:
-                netns.setns(self.hosts[role], flags=0)
-                for path in ("/proc/sys/net/ipv4/ip_forward",
-                             "/proc/sys/net/ipv6/conf/all/forwarding"):
+                netns.setns(name, flags=0)
+                for path, value in settings.items():
                     with open(path, "w") as f:
-                        f.write("1")
+                        f.write(value)
                 code = 0
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"could not turn forwarding on in {role}")
+            raise RuntimeError(f"could not set {', '.join(settings)} in {name}")
 
     def down(self, keep_logs: bool = False) -> None:
         """Stop the lab's processes (by PID), delete its namespaces and its run directory."""
