@@ -192,13 +192,15 @@ def test_full_tunnel_keeps_working_without_a_loop(ilab, daemons, sockdir, wire):
     asked (a routing loop would multiply its datagrams, or lose the server)."""
     server, client = start(ilab, daemons, sockdir, wire)
     ping(ilab, "hostu", INET4, count=2)
-    mark = client.status()
     result = in_ns(ilab, "hostu", ["ping", "-c", "60", "-i", "0.5", "-W", "2", INET4],
                    timeout=90)
     assert " 0% packet loss" in result.stdout, result.stdout
-    status = client.wait_status(lambda s: s != mark)
-    tx = int(status.split("tx ")[1].split(" pkts")[0])
-    assert 62 <= tx <= 62 + 40, status  # the pings, plus keepalives/handshakes at most
+
+    def tx(status: str) -> int:  # packets the client sent into the tunnel
+        return int(status.split("tx ")[1].split(" pkts")[0])
+
+    status = client.wait_status(lambda s: tx(s) >= 62)
+    assert tx(status) <= 62 + 10, status  # the pings, and not a datagram more
     assert client.proc.poll() is None
 
 
@@ -213,8 +215,6 @@ def test_kill9_then_next_start_then_cleanup(ilab, daemons, sockdir, wire):
     server, client = start(ilab, daemons, sockdir, wire, v6=True, routes="0.0.0.0/0, '::/0'")
     kill9(client)
     assert len(ours(ilab)) == 4  # what a crash leaves: the rules (the TUN took its routes)
-    # with the rules left behind, unmarked traffic finds an empty table: nothing gets out
-    assert ping(ilab, "hostu", INET4, count=1, check=False).returncode != 0
     client.restart()  # the next start undoes what the dead run left, then sets up again
     assert "undid what an earlier run left behind: removed IPv4 rule 32764" in client.log()
     assert len(ours(ilab)) == 4
