@@ -275,8 +275,8 @@ def test_check_accepts_a_default_route_covering_the_server(tmp_path):
 def test_check_still_refuses_other_routes_covering_the_server(tmp_path, route):
     found = problems(write(tmp_path, "c", CLIENT + f"routes: [{route}]\n"))
     assert found == [f"{tmp_path}/c.yaml:5: routes[0]: {route} covers the server 10.9.0.11, so "
-                     "the tunnel would carry its own datagrams into itself (only 0.0.0.0/0 and "
-                     "::/0, a full tunnel, are routed around that)"], found
+                     "the tunnel would carry its own datagrams into itself; only 0.0.0.0/0 and "
+                     "::/0 (a full tunnel) are routed around that"], found
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -610,9 +610,11 @@ class _Checker:
         route = covering_route([net for net, _, _ in routes], hostport[0])
         if route is not None:
             node, where = next((n, w) for net, n, w in routes if net == route)
+            full = what == "the server"  # a client: its full tunnel is routed around that
             self.fail(node, where, f"{route} covers {what} {ip}, so the tunnel would carry its "
-                      "own datagrams into itself (only 0.0.0.0/0 and ::/0, a full tunnel, are "
-                      "routed around that)")
+                      "own datagrams into itself" + ("; only 0.0.0.0/0 and ::/0 (a full "
+                                                     "tunnel) are routed around that" if full
+                                                     else ""))
         for address, node, where in self.listed.get("interface.address", ()):
             if covering_route([address.network], hostport[0]):
                 self.fail(node, where, f"{address} puts {what} {ip} inside the tunnel network, "
