@@ -167,6 +167,7 @@ def test_full_tunnel_ipv4_and_stop_puts_everything_back(ilab, daemons, sockdir, 
     # HostU has global IPv6 (fd08::5) and only IPv4 goes into the tunnel: a leak, said so
     assert "full tunnel for IPv4 only, but this host has global IPv6 (fd08::5 on eth0)" \
         in client.log()
+    assert "reverse-path" not in client.log()  # the lab's rp_filter is 0
     # IPv6 still leaves the normal way, as the warning says
     ping(ilab, "hostu", INET6, count=1, family="-6")
     assert client.stop() == 0
@@ -227,6 +228,20 @@ def test_kill9_then_next_start_then_cleanup(ilab, daemons, sockdir, wire):
     assert "removed IPv6 rule 32765" in result.stderr
     assert_as_before(ilab, before)
     ping(ilab, "hostu", INET4, count=1)  # the normal way again
+
+
+def test_strict_rp_filter_is_warned_about(ilab, daemons, sockdir):
+    """Measured: with rp_filter=1 the server's replies are dropped (their reverse route is the
+    tunnel); the daemon cannot change that (all/ wins), so it says what to do."""
+    for name in ("all", "eth0"):
+        in_ns(ilab, "hostu", ["sysctl", "-qw", f"net.ipv4.conf.{name}.rp_filter=1"])
+    server, client = start(ilab, daemons, sockdir, "plain")
+    assert "strict reverse-path filtering (rp_filter=1) on eth0 drops the server's replies" \
+        in client.log()
+    assert ping(ilab, "hostu", INET4, count=2, check=False).returncode != 0
+    in_ns(ilab, "hostu", ["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=2"])
+    in_ns(ilab, "hostu", ["sysctl", "-qw", "net.ipv4.conf.eth0.rp_filter=2"])
+    ping(ilab, "hostu", INET4, count=2)
 
 
 def test_start_refuses_a_table_in_use(ilab, daemons, sockdir):

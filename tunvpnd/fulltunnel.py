@@ -202,6 +202,20 @@ def mark_socket(sock: socket.socket, fwmark: int) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_MARK, fwmark)
 
 
+def strict_rp_filter(ifnames: Iterable[str]) -> list[str]:
+    """The interfaces among `ifnames` with strict IPv4 reverse-path filtering (the larger of
+    conf/all and conf/IF is 1): there the server's replies, whose reverse route is the
+    tunnel, are dropped. Read from /proc/sys (readable under ProtectKernelTunables)."""
+    def value(name: str) -> int:
+        try:
+            with open(f"/proc/sys/net/ipv4/conf/{name}/rp_filter") as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return 0
+    everywhere = value("all")
+    return [name for name in ifnames if max(everywhere, value(name)) == 1]
+
+
 def global_ipv6(ipr: Any, skip_ifindex: int) -> str | None:
     """A global-scope IPv6 address of this host outside our TUN ("ifname addr"), or None."""
     names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}

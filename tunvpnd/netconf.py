@@ -364,6 +364,12 @@ class NetConfig:
             fulltunnel.apply(self._ipr, rec, self._do)
         return recs
 
+    def strict_rp_filter(self, skip_ifindex: int) -> list[str]:
+        """Links (but `skip_ifindex` and loopback) with strict IPv4 reverse-path filtering."""
+        return fulltunnel.strict_rp_filter(
+            m.get_attr("IFLA_IFNAME") for m in self._ipr.get_links()
+            if m["index"] != skip_ifindex and not m["flags"] & IFF_LOOPBACK)
+
     def global_ipv6(self, skip_ifindex: int) -> str | None:
         """A global IPv6 address outside `skip_ifindex` ("ADDR on IFNAME"), or None."""
         return fulltunnel.global_ipv6(self._ipr, skip_ifindex)

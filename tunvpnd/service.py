@@ -184,6 +184,11 @@ class Daemon:
         log.info("full tunnel: IPv%s through %s by policy routing (table %d, fwmark %#x)",
                  " and IPv".join(map(str, versions)), self.ifname, recs[0]["table"],
                  self.fwmark)
+        strict = self.netconf.strict_rp_filter(self.ifindex) if 4 in versions else []
+        if strict:
+            log.warning("full tunnel: strict reverse-path filtering (rp_filter=1) on %s drops "
+                        "the server's replies there: set net.ipv4.conf.all.rp_filter and that "
+                        "interface's to 2 (loose)", ", ".join(strict))
         if versions == [4]:
             leak = self.netconf.global_ipv6(self.ifindex)
             if leak:
