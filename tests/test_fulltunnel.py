@@ -18,6 +18,7 @@ import textwrap
 import pytest
 
 from tests.conftest import in_ns, ping, unique
+from tests.test_reload import reload
 from tests.test_wgtunnel import Keys
 from tunvpnd.lab import Lab, leftover_namespaces
 from tunvpnd.profile import ProfileError, load_profile
@@ -242,6 +243,26 @@ def test_strict_rp_filter_is_warned_about(ilab, daemons, sockdir):
     in_ns(ilab, "hostu", ["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=2"])
     in_ns(ilab, "hostu", ["sysctl", "-qw", "net.ipv4.conf.eth0.rp_filter=2"])
     ping(ilab, "hostu", INET4, count=2)
+
+
+def test_reload_keeps_the_full_tunnel_and_applies_other_routes(ilab, daemons, sockdir):
+    server, client = start(ilab, daemons, sockdir, "plain")
+    rules = ours(ilab)
+    text = client.profile.read_text()
+    client.profile.write_text(text.replace("routes: [0.0.0.0/0]", "routes: [10.77.0.0/16]"))
+    reload(client)
+    assert "the full tunnel (0.0.0.0/0, ::/0, table, fwmark) changed: restart" in client.log()
+    assert ours(ilab) == rules
+    main = json.loads(in_ns(ilab, "hostu", ["ip", "-j", "route", "show", "proto", "86"]).stdout)
+    assert [r["dst"] for r in main] == ["10.77.0.0/16"]
+    pings_only_through_the_tunnel(ilab, INET4)
+    client.profile.write_text(text.replace("routes: [0.0.0.0/0]", "routes: [0.0.0.0/0, "
+                                           "10.78.0.0/16]"))
+    reload(client)
+    assert client.log().count("the full tunnel (0.0.0.0/0") == 1  # unchanged now
+    main = json.loads(in_ns(ilab, "hostu", ["ip", "-j", "route", "show", "proto", "86"]).stdout)
+    assert [r["dst"] for r in main] == ["10.78.0.0/16"]
+    pings_only_through_the_tunnel(ilab, INET4)
 
 
 def test_start_refuses_a_table_in_use(ilab, daemons, sockdir):
