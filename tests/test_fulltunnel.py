@@ -345,3 +345,22 @@ def test_server_takes_no_table(tmp_path):
     text = "mode: server\ninterface:\n  address: 192.168.53.1/24\ntable: 5\n"
     assert any("table: only allowed in client mode" in p
                for p in problems(write(tmp_path, "s", text)))
+
+
+@pytest.mark.parametrize("policy, problem", [
+    ("{}", "policy: not a list"),
+    ('[{"version": 5}]', "policy[0]: version: not 4 or 6"),
+    ('[{"version": 4, "table": -1, "fwmark": 1, "ifindex": 3, "ifname": "tun0"}]',
+     "policy[0]: table: missing or not a 32-bit integer"),
+])
+def test_a_damaged_policy_record_in_the_state_file_is_refused(tmp_path, policy, problem):
+    """Nothing is touched on a record that is not ours (the file is read before any change)."""
+    from tunvpnd.netconf import NetConfig, NetConfigError
+
+    state = tmp_path / "c.state"
+    state.write_text(f'{{"pid": null, "policy": {policy}}}')
+    with NetConfig(state) as netconf, pytest.raises(NetConfigError) as error:
+        netconf.recover()
+    assert f"not a tunvpnd state file ({problem})" in str(error.value)
+    assert "ip rule show proto 86" in str(error.value)
+    assert state.exists()
