@@ -374,10 +374,11 @@ class TunvpndWireGuard(Tunvpnd):
     """Our daemons on the secure wire: the wg-*.yaml example profiles with fresh keys (and a
     preshared key) written beside copies of them in the run's directory."""
 
-    def __init__(self) -> None:
-        super().__init__(name=WIREGUARD)
+    def __init__(self, source: Path = REPO, name: str = "") -> None:
+        super().__init__(source=source, name=name or WIREGUARD)
 
     def start(self, lab: Lab, workdir: Path) -> None:
+        examples = self.source / "etc" / "tunvpn"
         from tunvpnd.wireguard.keys import (
             encode_key,
             generate_private,
@@ -392,10 +393,10 @@ class TunvpndWireGuard(Tunvpnd):
             write_key_file(workdir / f"wg-{role}.key", key)
         for role in ("server", "client"):
             write_key_file(workdir / f"wg-{role}.psk", psk)
-        server = _edit(EXAMPLES / "wg-server.yaml", {
+        server = _edit(examples / "wg-server.yaml", {
             "X1zOuLTFQXGx8W70q9dK/430GoQloihiXw2qZ2NOtGE=": encode_key(public_key(keys["client"])),
             "# preshared_key_file: hostu.psk": "preshared_key_file: wg-server.psk"})
-        client = _edit(EXAMPLES / "wg-client.yaml", {
+        client = _edit(examples / "wg-client.yaml", {
             "ADQWW02LysytVpqcm1xrw7yzlUHZ74b+QSsFsam0hG4=": encode_key(public_key(keys["server"])),
             "# preshared_key_file: wg-client.psk": "preshared_key_file: wg-client.psk"})
         for role, text in (("server", server), ("hostu", client)):
@@ -418,6 +419,7 @@ def _edit(example: Path, replacements: dict[str, str]) -> str:
 
 WIREGUARD = "tunvpnd-wireguard"
 BASELINE = "tunvpnd-baseline"
+BASELINE_WG = "tunvpnd-wireguard-baseline"
 
 
 def baseline(checkout: Path) -> Tunvpnd:
@@ -430,8 +432,10 @@ def baseline(checkout: Path) -> Tunvpnd:
 def all_configs(baseline_checkout: Path | None = None) -> list[Tunnel]:
     """A fresh instance of every configuration, in table order."""
     before = [baseline(baseline_checkout)] if baseline_checkout else []
-    return [Routing(), Tunvpnd(), *before, TunvpndWireGuard(), OpenVPN(), OpenVPN(tuned=True),
-            OpenVPNAES(), WireGuardGo(), PythonFloor()]
+    before_wg = [TunvpndWireGuard(baseline_checkout, BASELINE_WG)] if baseline_checkout and \
+        (baseline_checkout / "etc" / "tunvpn" / "wg-server.yaml").is_file() else []
+    return [Routing(), Tunvpnd(), *before, TunvpndWireGuard(), *before_wg, OpenVPN(),
+            OpenVPN(tuned=True), OpenVPNAES(), WireGuardGo(), PythonFloor()]
 
 
 CONFIG_NAMES = [c.name for c in all_configs()]

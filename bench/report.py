@@ -103,6 +103,54 @@ def scale_summary(rounds: list[dict]) -> dict:
     }
 
 
+WG_SCALE_METRICS: dict[str, str] = {
+    "udp_kpps": "UDP 64B kpps rx",
+    "tcp_mbps": "TCP Mbit/s",
+    "rss_mib": "server VmRSS MiB",
+}
+WG_SCALE_FACTS: dict[str, str] = {       # one value per round
+    "udp_ratio": "UDP pps N / 1 peer",
+    "tcp_ratio": "TCP N / 1 peer",
+    "kib_per_peer": "KiB per extra peer",
+    "kib_per_configured_peer": "  of which configured, no session",
+    "connect_cpu_ms": "server CPU ms per handshake (paced, with its echo)",
+    "handshakes_per_second": "handshakes/s completed (flood)",
+    "offered_per_second": "  initiations/s offered",
+    "flood_cpu_ms": "server CPU ms per handshake (flood)",
+    "cookie_replies": "cookie replies in the flood",
+}
+
+
+def _wg_facts(r: dict) -> dict[str, float | None]:
+    hs, connect = r["handshakes"], r["connect"]
+    return {"udp_ratio": r["udp_ratio"], "tcp_ratio": r["tcp_ratio"],
+            "kib_per_peer": r["kib_per_peer"],
+            "kib_per_configured_peer": r["kib_per_configured_peer"],
+            "connect_cpu_ms": connect["server_cpu_ms_per_handshake"],
+            "handshakes_per_second": hs["per_second"],
+            "offered_per_second": hs["offered_per_second"],
+            "flood_cpu_ms": hs["server_cpu_ms_per_handshake"],
+            "cookie_replies": hs["cookie_replies"]}
+
+
+def wg_scale_summary(rounds: list[dict]) -> dict:
+    facts = [_wg_facts(r) for r in rounds]
+    return {
+        "1": {k: summarize([r["1"][k] for r in rounds]) for k in WG_SCALE_METRICS},
+        "N": {k: summarize([r["N"][k] for r in rounds]) for k in WG_SCALE_METRICS},
+        **{k: summarize([f[k] for f in facts]) for k in WG_SCALE_FACTS},
+    }
+
+
+def wg_scale_table(scale: dict) -> str:
+    summ = scale["summary"]
+    rows = [(label, [cell(summ["1"].get(key)), cell(summ["N"].get(key))])
+            for key, label in WG_SCALE_METRICS.items()]
+    rows += [(label, [cell(summ.get(key)), ""]) for key, label in WG_SCALE_FACTS.items()]
+    return table(rows, ["tunvpnd wireguard server", "1 peer",
+                        f"{scale['peers']} peers, each with a handshake"])
+
+
 def write_json(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1) + "\n")

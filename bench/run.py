@@ -19,14 +19,17 @@ import traceback
 from pathlib import Path
 
 import report
-from configs import BASELINE, CONFIG_NAMES, WIREGUARD, Tunnel, all_configs
+from configs import BASELINE, BASELINE_WG, CONFIG_NAMES, WIREGUARD, Tunnel, all_configs
 from measure import Options, measure, wait_reachable
 from scale import measure_scale
+from wgscale import measure_scale_wireguard
 
 from tunvpnd.lab import Lab, leftover_namespaces
 
 BENCH = Path(__file__).resolve().parent
 SCALE = "scale"
+SCALE_WG = "scale-wireguard"
+SCALES = (SCALE, SCALE_WG)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,15 +38,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke run: 1 round, iperf3 -t 2, 50 pings, 100 peers")
-    p.add_argument("--only", default=",".join([*CONFIG_NAMES, SCALE]),
-                   help=f"comma-separated subset of: {', '.join([*CONFIG_NAMES, SCALE])}")
+    p.add_argument("--only", default=",".join([*CONFIG_NAMES, *SCALES]),
+                   help=f"comma-separated subset of: {', '.join([*CONFIG_NAMES, *SCALES])}")
     p.add_argument("--peers", type=int, default=None,
-                   help="peers in the scale measurement (default 1000, --quick 100; 0 = skip)")
+                   help="peers in the scale measurements, plain and wireguard (default 1000, "
+                   "--quick 100; 0 = skip both)")
     p.add_argument("--seconds", type=int, default=None, help="iperf3 -t (default 10, quick 2)")
     p.add_argument("--pings", type=int, default=None, help="pings (default 200, quick 50)")
     p.add_argument("--baseline", type=Path, metavar="CHECKOUT",
                    help="also measure the tunvpnd of another checkout (e.g. `git worktree add "
-                   "/tmp/base REV`) as tunvpnd-baseline, and print tunvpnd / tunvpnd-baseline")
+                   "/tmp/base REV`) as tunvpnd-baseline (and tunvpnd-wireguard-baseline), and "
+                   "print tunvpnd / tunvpnd-baseline (tunvpnd-wireguard / ...-baseline)")
     p.add_argument("--json", type=Path, default=BENCH / "results" / "latest.json")
     p.add_argument("--png", type=Path, default=BENCH / "results" / "latest.png")
     args = p.parse_args(argv)
@@ -59,11 +64,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.baseline = args.baseline.resolve()
         if "tunvpnd" in args.only and BASELINE not in args.only:
             args.only.append(BASELINE)
-    unknown = set(args.only) - {*CONFIG_NAMES, SCALE, BASELINE}
+        if WIREGUARD in args.only and BASELINE_WG not in args.only and \
+                (args.baseline / "etc" / "tunvpn" / "wg-server.yaml").is_file():
+            args.only.append(BASELINE_WG)
+    unknown = set(args.only) - {*CONFIG_NAMES, *SCALES, BASELINE, BASELINE_WG}
     if unknown:
         p.error(f"unknown config(s) {', '.join(sorted(unknown))}")
-    if args.peers == 0 and SCALE in args.only:
-        args.only.remove(SCALE)
+    if args.peers == 0:
+        args.only = [name for name in args.only if name not in SCALES]
     if args.rounds < 1 or args.peers == 1 or args.peers < 0 or args.pings < 2:
         p.error("need --rounds >= 1, --peers 0 or >= 2, --pings >= 2")
     return args
@@ -76,13 +84,15 @@ def say(msg: str) -> None:
 def run_one(name: str, prefix: str, opts: Options, peers: int,
             baseline: Path | None = None) -> dict:
     """One measurement of one config (or the scale test) in a fresh lab, always torn down."""
-    lab = Lab(prefix, extra_clients=1 if name == SCALE else 0)
+    lab = Lab(prefix, extra_clients=1 if name in SCALES else 0)
     workdir = Path(tempfile.mkdtemp(prefix="tvb"))      # short: AF_UNIX paths are limited
     tunnel: Tunnel | None = None
     try:
         lab.up()
         if name == SCALE:
             return measure_scale(lab, workdir, peers, opts)
+        if name == SCALE_WG:
+            return measure_scale_wireguard(lab, workdir, peers, opts)
         tunnel = next(c for c in all_configs(baseline) if c.name == name)
         tunnel.start(lab, workdir)
         wait_reachable(lab)
@@ -117,7 +127,7 @@ def versions(baseline: Path | None) -> dict[str, str]:
     found = {"python": platform.python_version(), "kernel": platform.release(),
              "tunvpnd": commit_of(BENCH.parent)}
     if baseline is not None:
-        found[BASELINE] = commit_of(baseline)
+        found[BASELINE] = found[BASELINE_WG] = commit_of(baseline)
     for tool, flag in (("openvpn", "--version"), ("wireguard-go", "--version"),
                        ("iperf3", "--version")):
         if shutil.which(tool):
@@ -157,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"skip {tunnel.name}: {reason}")
             else:
                 order.append(tunnel.name)
-    if SCALE in args.only:
-        order.append(SCALE)
+    order += [name for name in SCALES if name in args.only]
 
     rounds: dict[str, list[dict]] = {name: [] for name in order}
     errors: list[str] = []
@@ -189,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if left:
         errors.append(f"namespaces left behind: {left}")
 
-    configs = [n for n in order if n != SCALE and rounds[n]]
+    configs = [n for n in order if n not in SCALES and rounds[n]]
     summary = {n: report.summarize_rounds(rounds[n]) for n in configs}
     results: dict = {
         "meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "host": platform.node(),
@@ -202,11 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": {n: rounds[n] for n in configs},
         "summary": summary,
         "ratios": report.ratios(summary),
-        "ratios_wireguard": report.ratios(summary, WIREGUARD, report.SECURE_RATIO_BASES),
+        "ratios_wireguard": report.ratios(summary, WIREGUARD,
+                                          (*report.SECURE_RATIO_BASES, BASELINE_WG)),
     }
     if SCALE in rounds and rounds[SCALE]:
         results["scale"] = {"peers": args.peers, "rounds": rounds[SCALE],
                             "summary": report.scale_summary(rounds[SCALE])}
+    if SCALE_WG in rounds and rounds[SCALE_WG]:
+        results["scale_wireguard"] = {"peers": args.peers, "rounds": rounds[SCALE_WG],
+                                      "summary": report.wg_scale_summary(rounds[SCALE_WG])}
 
     say("")
     say(f"tunvpnd bench: {args.rounds} round(s), iperf3 -t {args.seconds}, {args.pings} pings, "
@@ -222,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if "scale" in results:
         say("")
         say(report.scale_table(results["scale"]))
+    if "scale_wireguard" in results:
+        say("")
+        say(report.wg_scale_table(results["scale_wireguard"]))
     for name, reason in skipped.items():
         say(f"skipped {name}: {reason}")
     report.write_json(args.json, results)
@@ -236,6 +252,10 @@ def _brief(name: str, result: dict) -> str:
     if name == SCALE:
         return (f"TCP {result['1']['tcp_mbps']:.0f} -> {result['N']['tcp_mbps']:.0f} Mbit/s, "
                 f"{result['kib_per_peer']:.2f} KiB/peer")
+    if name == SCALE_WG:
+        return (f"UDP {result['1']['udp_kpps']:.1f} -> {result['N']['udp_kpps']:.1f} kpps, "
+                f"{result['kib_per_peer']:.2f} KiB/peer, "
+                f"{result['handshakes']['per_second']:.0f} handshakes/s")
     return (f"TCP {result['tcp_mbps']:.0f} Mbit/s, UDP {result['udp_kpps']:.1f} kpps, "
             f"ping {result['ping_median_ms']:.3f} ms")
 

@@ -43,6 +43,14 @@ def test_quick_benchmark_measures_every_configuration(tmp_path):
     none = data["rounds"]["openvpn-none"][0]["tunnel"]
     assert none["data_channel"].startswith("Data Channel: cipher '[null-cipher]'"), none
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the secure wire's server scale: every fake peer did a real handshake, got its echo
+    # reply back through the tunnel; the flood's responses were authentic ones
+    wg = data["scale_wireguard"]["rounds"][0]
+    assert wg["connect"]["connected"] == wg["connect"]["of"] == 99, wg["connect"]
+    assert wg["N"]["peers"] == 100 and wg["1"]["peers"] == 1
+    assert wg["kib_per_peer"] > 0 and wg["udp_ratio"] > 0
+    assert wg["handshakes"]["completed"] > 0 and wg["handshakes"]["per_second"] > 0
+    assert "handshakes/s completed (flood)" in result.stdout
 
 
 def test_openvpn_aes_is_ready_only_when_its_log_shows_aes_256_gcm(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 
 from tests.conftest import server_profile
 from tunvpnd.lab import wait_until
@@ -46,3 +47,29 @@ def test_no_watchdog_without_watchdog_usec(lab, daemons):
     wait_until(lambda: sum(f.startswith("STATUS=") for f in server.fields()) >= 2, 15,
                what="a periodic STATUS")
     assert "WATCHDOG=1" not in server.fields()
+
+
+def test_a_notify_socket_nobody_reads_never_stalls_the_tunnel(lab, daemons):
+    """The kernel queues at most net.unix.max_dgram_qlen (often 10) datagrams for a reader:
+    a blocking send would stop the loop, and every packet with it, on the next STATUS."""
+    from tests.conftest import client_profile, ping
+
+    server = daemons(lab, "server", server_profile())
+    daemons(lab, "hostu", client_profile(), name="client")
+    ping(lab, "hostu", "192.168.60.5")
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.setblocking(False)
+    queued = 0
+    try:
+        while queued < 100_000:                   # the server's notify queue is full after this
+            filler.sendto(b"X=1", str(server.notify_path))
+            queued += 1
+    except BlockingIOError:
+        pass
+    finally:
+        filler.close()
+    assert queued < 100_000
+    server.signal(signal.SIGHUP)                  # RELOADING=1, READY=1, STATUS= to send now
+    for _ in range(3):
+        ping(lab, "hostu", "192.168.60.5")
+    assert server.proc.poll() is None

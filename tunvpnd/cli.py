@@ -1,4 +1,4 @@
-"""Command line: `tunvpnd run|check PROFILE`, `tunvpnd lab up|demo|down`,
+"""Command line: `tunvpnd run|check PROFILE`, `tunvpnd show [NAME]`, `tunvpnd lab up|demo|down`,
 `tunvpnd genkey|pubkey|genpsk` (WireGuard keys, as `wg` makes them), `tunvpnd import WG_CONF`."""
 
 from __future__ import annotations
@@ -33,6 +33,15 @@ def main(argv: list[str] | None = None) -> int:
         "cleanup", help="undo what a crashed run of PROFILE left outside its TUN (the unit's "
         "ExecStopPost)")
     undo.add_argument("profile", help="the profile's path or instance name")
+    show_cmd = commands.add_parser("show", help="what running instances are doing (like `wg "
+                               "show`)")
+    show_cmd.add_argument("name", nargs="?", help="an instance name (default: every running one)")
+    show_cmd.add_argument("--json", action="store_true", help="one JSON document, every field")
+    show_cmd.add_argument("--check", action="store_true", help="exit 0 if every configured peer "
+                      "had a handshake (plain: a packet) in the last --max-age seconds, 1 if "
+                      "not, 3 if the instance is not running")
+    show_cmd.add_argument("--max-age", type=float, default=180.0, metavar="SECONDS",
+                      help="for --check (default 180)")
     lab = commands.add_parser("lab", help="the SEED lab topology in network namespaces")
     lab.add_argument("action", choices=("up", "demo", "down"))
     lab.add_argument("--prefix", default="tvlab", help="namespace name prefix (default tvlab)")
@@ -67,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         return action(args.prefix, wire=args.wire)
     if args.command == "cleanup":
         return cleanup(args.profile)
+    if args.command == "show":
+        return show(args.name, args.json, args.check, args.max_age)
     if args.command in ("genkey", "genpsk", "pubkey"):
         return key_command(args.command)
     if args.command == "import":
@@ -116,6 +127,56 @@ def cleanup(name: str) -> int:
     finally:
         os.close(lock)
     return 0
+
+
+EX_NOT_RUNNING = 3  # `show --check`: as LSB init scripts' status says "not running"
+
+
+def show(name: str | None, as_json: bool, check: bool, max_age: float) -> int:
+    """`tunvpnd show [NAME] [--json] [--check]`: ask each instance's control socket."""
+    import json
+
+    from .control import query
+    from .instance import InstanceError, instance_name, run_dir
+    from .status import healthy, render
+
+    directory = run_dir()
+    if name is not None:
+        try:
+            names = [instance_name(name)]
+        except InstanceError as error:
+            _print_error(f"show: {error}")
+            return 2
+    else:
+        try:
+            names = sorted(p.stem for p in directory.glob("*.sock"))
+        except OSError:
+            names = []
+    docs = []
+    for instance in names:
+        try:
+            docs.append(query(directory / f"{instance}.sock"))
+        except (FileNotFoundError, ConnectionRefusedError):
+            if name is not None:
+                _print_error(f"show: tunvpnd {instance} is not running (no answer on "
+                             f"{directory / instance}.sock)")
+        except OSError as error:
+            _print_error(f"show: {instance}: {error.strerror or error}")
+    if not docs:
+        if name is None:
+            _print_error(f"show: no tunvpnd instance is running (none answers in {directory})")
+        return EX_NOT_RUNNING
+    if as_json:
+        print(json.dumps(docs[0] if name is not None else docs, indent=2))
+    elif not check:
+        print("\n\n".join(render(doc) for doc in docs))
+    if check:
+        return 0 if all(healthy(doc, max_age) for doc in docs) else 1
+    return 0
+
+
+def _print_error(text: str) -> None:
+    print(f"tunvpnd {text}", file=sys.stderr)
 
 
 def key_command(command: str) -> int:

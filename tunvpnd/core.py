@@ -226,8 +226,9 @@ class Core:
             return
         self._claims[peer] = [source, version, address, self.now, self.received_at]
         self.counters.challenges += 1
-        self.reply = (self.wire.seal(memoryview(ip.challenge(version, address)), peer),
-                      peer.endpoint, peer.local)
+        challenge = self.wire.seal(memoryview(ip.challenge(version, address)), peer)
+        peer.tx_bytes += len(challenge)
+        self.reply = (challenge, peer.endpoint, peer.local)
 
     def resolve_claims(self) -> list[tuple[Peer, tuple, bool]]:
         """Settle the claims whose holder had CHALLENGE_WAIT to answer; call it from a timer.
@@ -267,6 +268,7 @@ class Core:
                     return True  # counted by _sender
             self.counters.keepalives += 1
             peer.last_rx = self.now
+            peer.rx_bytes += len(packet)  # whole payloads, control packets too (as wireguard-go)
             peer.local = self.received_at
             if self.echo_keepalives:
                 self.reply = (self.wire.keepalive(peer), source, self.received_at)
@@ -279,7 +281,10 @@ class Core:
                 return True
             self.counters.challenges += 1
             peer.last_rx = self.now
-            self.reply = (self.wire.seal(memoryview(announcement), peer), source, None)
+            peer.rx_bytes += len(packet)
+            answer = self.wire.seal(memoryview(announcement), peer)
+            peer.tx_bytes += len(answer)
+            self.reply = (answer, source, None)
             return True
         return False
     def _learn(self, version: int, address: int, source: tuple) -> Peer | None:
@@ -329,8 +334,9 @@ class Core:
             if peer.endpoint is not None and self.now - peer.last_tx >= interval:
                 peer.last_tx = self.now
                 if announcements:
-                    due.extend((self.wire.seal(memoryview(a), peer), peer.endpoint, peer.local)
-                               for a in announcements)
+                    sealed = [self.wire.seal(memoryview(a), peer) for a in announcements]
+                    peer.tx_bytes += sum(map(len, sealed))
+                    due.extend((datagram, peer.endpoint, peer.local) for datagram in sealed)
                 else:
                     due.append((self.wire.keepalive(peer), peer.endpoint, peer.local))
         return due

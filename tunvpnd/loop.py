@@ -137,12 +137,16 @@ class Forwarder:
             self.rebind_wanted = True
 
     def run(self, wake_fd: int, on_wake: Callable[[], None],
-            on_tick: Callable[[float], float]) -> None:
+            on_tick: Callable[[float], float],
+            others: dict[int, Callable[[], None]] | None = None) -> None:
         """Forward until `stop()`. `on_wake` runs when `wake_fd` is readable (signals);
-        `on_tick(now)` runs when its timer is due and returns seconds until the next one."""
+        `on_tick(now)` runs when its timer is due and returns seconds until the next one.
+        `others`: more descriptors to watch (the control sockets' epoll) and what to call when
+        one is readable (one comparison per wake-up, nothing per packet)."""
         tun_fd, sock_fd = self.tun_fd, self.sock.fileno()
+        others = others or {}
         poller = select.epoll()
-        for fd in (tun_fd, sock_fd, wake_fd):
+        for fd in (tun_fd, sock_fd, wake_fd, *others):
             poller.register(fd, select.EPOLLIN)
         core = self.core
         wire = core.wire
@@ -165,8 +169,10 @@ class Forwarder:
                         pump_tun()
                     elif fd == sock_fd:
                         pump_socket()
-                    else:
+                    elif fd == wake_fd:
                         on_wake()
+                    else:
+                        others[fd]()
                 if outbox:
                     self.send_outbox()
         finally:

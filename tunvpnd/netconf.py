@@ -154,6 +154,9 @@ def _state_problem(state: Any) -> str | None:
         problem = fulltunnel.record_problem(rec)
         if problem:
             return f"policy[{i}]: {problem}"
+    tables = state.get("nft_tables", [])
+    if not isinstance(tables, list) or not all(isinstance(t, str) for t in tables):
+        return "nft_tables: not a list of names"
     return None
 
 
@@ -170,7 +173,7 @@ class NetConfig:
         pid = os.getpid()
         self._state: dict[str, Any] = {
             "pid": pid, "start": _start_time(pid), "forwarding": [], "routes_on": [],
-            "policy": []}
+            "policy": [], "nft_tables": []}
         # The file at state_path is ours once we wrote it or recovered what it held: until
         # then (an unreadable file, another live run's) restore() must leave it where it is.
         self._own_file = False
@@ -374,6 +377,12 @@ class NetConfig:
         """A global IPv6 address outside `skip_ifindex` ("ADDR on IFNAME"), or None."""
         return fulltunnel.global_ipv6(self._ipr, skip_ifindex)
 
+    def record_nft_table(self, name: str) -> None:
+        """Note an nftables table of ours (tunvpnd.nat) in the state file before it is made."""
+        if name not in self._state["nft_tables"]:
+            self._state["nft_tables"].append(name)
+            self._save()
+
     def _undo(self, state: dict[str, Any]) -> list[str]:
         """Remove policy rules, tagged routes and put forwarding flags back, on links that
         still exist (rules are removed whether or not their link is still there)."""
@@ -405,6 +414,13 @@ class NetConfig:
                     lines.append(f"IPv4 forwarding on {name} set back to {was}")
                 except NetConfigError as e:
                     errors.append(str(e))
+        for name in state.get("nft_tables", []):
+            from .nat import delete_table  # here: a profile without masquerade never needs it
+            try:
+                if delete_table(name):
+                    lines.append(f"removed nftables table inet {name}")
+            except OSError as e:
+                errors.append(str(e))
         if errors:
             raise NetConfigError("; ".join(errors))
         return lines
@@ -413,7 +429,8 @@ class NetConfig:
         """The state file left by an earlier run (None: there is none), its shape checked."""
         path = self.state_path
         damaged = (f"; check `ip route show table all proto {RTPROT_TUNVPND}`, `ip rule show "
-                   f"proto {RTPROT_TUNVPND}` and the IPv4 forwarding flags, then delete it")
+                   f"proto {RTPROT_TUNVPND}`, `nft list tables` and the IPv4 forwarding flags, "
+                   "then delete it")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
@@ -467,6 +484,7 @@ class NetConfig:
     def restore(self) -> None:
         """Remove our routes, put forwarding back as recorded, delete the state file."""
         self._undo(self._state)
-        self._state["forwarding"], self._state["routes_on"], self._state["policy"] = [], [], []
+        self._state["forwarding"], self._state["routes_on"] = [], []
+        self._state["policy"], self._state["nft_tables"] = [], []
         if self._own_file:
             self._remove_state_file()

@@ -48,12 +48,12 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 WIRES = ("plain", "wireguard")
 _TOP_KEYS = ("mode", "server", "listen", "interface", "routes", "forward", "keepalive",
              "peer_timeout", "peers", "log", "max_learned_peers", "max_addresses_per_endpoint",
-             "wire", "private_key_file", "server_public_key", "preshared_key_file", "table",
-             "fwmark")
+             "wire", "private_key_file", "server_public_key", "preshared_key_file", "masquerade",
+             "table", "fwmark")
 _MODE_ONLY = {"server": "client", "listen": "server", "peers": "server", "peer_timeout": "server",
               "max_learned_peers": "server", "max_addresses_per_endpoint": "server",
-              "server_public_key": "client", "preshared_key_file": "client", "table": "client",
-              "fwmark": "client"}
+              "server_public_key": "client", "preshared_key_file": "client",
+              "masquerade": "server", "table": "client", "fwmark": "client"}
 _WIREGUARD_ONLY = ("private_key_file", "server_public_key", "preshared_key_file")
 _PEER_WIREGUARD_ONLY = ("public_key", "preshared_key_file")
 _IFACE_KEYS = ("name", "address", "mtu")
@@ -103,6 +103,9 @@ class Profile:
     public_key: bytes | None = None  # ours, computed from private_key (may be shown)
     server_public_key: bytes | None = None  # client: the server's static public key
     preshared_key: bytes | None = field(default=None, repr=False)  # client, optional
+    # server: source NAT for the tunnel networks (tunvpnd.nat): False, True (out of every
+    # interface but the TUN) or the names of the outgoing interfaces
+    masquerade: bool | tuple[str, ...] = False
     # client with 0.0.0.0/0 or ::/0 in routes (fulltunnel.py); None: derived from the TUN
     table: int | None = None
     fwmark: int | None = None
@@ -237,6 +240,8 @@ def load_profile(path: str | Path) -> Profile:
     for key, high in (("max_learned_peers", 1000000), ("max_addresses_per_endpoint", 65536)):
         if key in got:
             limits[key] = c.integer(got[key], key, 1, high)
+    if "masquerade" in got and mode == "server":
+        limits["masquerade"] = c.masquerade(got["masquerade"], ifname)
     log = c.mapping(got.get("log"), "log", _LOG_KEYS) or {}
     level = c.choice(log["level"], "log.level", LOG_LEVELS) if "level" in log else "info"
     packets = c.boolean(log["packets"], "log.packets") if "packets" in log else False
@@ -581,6 +586,32 @@ class _Checker:
             return self.fail(node, path, "'%d' alone would name the interface '0': put a name "
                              "before it, like 'tun%d'")
         return name
+
+    def masquerade(self, node: Node, tun: str | None) -> Any:
+        """true/false, or a list of outgoing interface names (not the TUN, no patterns)."""
+        if not isinstance(node, SequenceNode):
+            value = self.scalar(node)
+            if isinstance(value, bool):
+                return value
+            return self.fail(node, "masquerade", "must be true, false or a list of interface "
+                             f"names, got {_show(node)}")
+        found: list[str] = []
+        for item, where in self.items(node, "masquerade"):
+            name = self.ifname(item, where)
+            if name is None:
+                continue
+            if "%" in name:
+                self.fail(item, where, f"{name!r}: an interface name, not a pattern")
+            elif name == tun:
+                self.fail(item, where, f"{name!r} is the tunnel's own interface: list the "
+                          "interfaces traffic leaves through")
+            elif name in found:
+                self.fail(item, where, f"{name!r} is listed twice")
+            else:
+                found.append(name)
+        if not node.value:
+            self.fail(node, "masquerade", "must not be empty (false turns masquerade off)")
+        return tuple(found)
 
     def hostport(self, node: Node, path: str, names: bool, default: int | None,
                  wildcard: bool = False) -> Any:

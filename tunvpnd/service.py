@@ -57,6 +57,11 @@ class Daemon:
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
         self.notifier = sdnotify.SystemdNotifier()
+        if self.notifier.socket is not None:
+            # Never wait for the reader: the kernel queues only net.unix.max_dgram_qlen (often
+            # 10) datagrams, and a blocked send would stop the loop and every packet with it.
+            # A message that does not fit is dropped (sdnotify ignores the error).
+            self.notifier.socket.setblocking(False)
         self.netconf: NetConfig | None = None
         self.lock_fd = -1
         self._stop_signal = 0
@@ -67,6 +72,9 @@ class Daemon:
         self.server_peer: Peer | None = None
         self.core: Core | None = None
         self.device = None  # wire: wireguard: the tunvpnd.wireguard.device.Device
+        self.servers = None  # control.Servers: the control socket and the WireGuard UAPI
+        self.nat = None  # server with masquerade: the tunvpnd.nat.Masquerade
+        self._next_nat_check = 0.0
         self._resolving: threading.Thread | None = None
         self._resolved: tuple | None = None
         self._resolved_for: tuple | None = None  # the profile's server that _resolved is for
@@ -102,8 +110,9 @@ class Daemon:
             self.cleanup()
             return 1
         code = 0
+        others = {self.servers.fileno(): self.servers.on_ready} if self.servers else None
         try:
-            self.forwarder.run(self._wake_r, self._on_signal, self._on_tick)
+            self.forwarder.run(self._wake_r, self._on_signal, self._on_tick, others)
         except Exception:  # noqa: BLE001 - a bug must still leave the host as it was
             log.exception("forwarding loop failed")
             code = 1
@@ -136,6 +145,7 @@ class Daemon:
             self._full_tunnel(p, everywhere)
         if p.forward:
             self.netconf.enable_forwarding(self.ifindex)
+        self._apply_masquerade(p)
         self._stop_point()
 
         peers = PeerTable()
@@ -175,6 +185,7 @@ class Daemon:
         if self.device is not None:
             log.info("wireguard: public key %s, %d peers", self._encode(self.device.public_key),
                      len(self.device.peers))
+        self._serve()
         self._stop_point()
         self.notify("READY=1", f"STATUS={self.status()}")
 
@@ -198,6 +209,12 @@ class Daemon:
 
     def cleanup(self) -> None:
         """Put the host back as it was: routes, forwarding, TUN, socket, state file."""
+        if self.servers is not None:  # first: nobody asks about a tunnel going away
+            self.servers.close()
+            self.servers = None
+        if self.nat is not None:  # its table goes with the state file's other records
+            self.nat.close()
+            self.nat = None
         if self.netconf is not None:
             try:
                 self.netconf.restore()
@@ -254,6 +271,45 @@ class Daemon:
                 self.forwarder.stop()
             elif number == signal.SIGHUP:
                 self.reload()
+
+    # -- control socket and UAPI -----------------------------------------------------------
+
+    def _serve(self) -> None:
+        """RUN_DIR/NAME.sock for `tunvpnd show`; /run/wireguard/IFNAME.sock for `wg` (wire:
+        wireguard). Either failing is logged and the tunnel runs without it. Both stay as they
+        are on reload (neither the name nor the interface can change without a restart), and
+        what they answer is read afresh at each request."""
+        from . import control, uapi
+
+        self.servers = control.Servers()
+        path = run_dir() / f"{self.profile.name}.sock"
+        try:
+            self.servers.listen(path, control.show_handler(self.snapshot),
+                                control.CONTROL_LIMIT)
+        except OSError as error:
+            log.warning("no control socket (tunvpnd show will not see us): %s", error)
+        if self.device is None:
+            return
+        path = uapi.socket_path(self.ifname)
+        try:
+            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            hint = f"systemctl reload tunvpnd@{self.profile.name}"
+            self.servers.listen(path, uapi.Protocol(self._uapi_get, str(self.profile.path),
+                                                    hint), uapi.SET_LIMIT)
+        except OSError as error:  # control.SocketBusy: another live process holds the path
+            log.warning("no WireGuard UAPI socket (wg will not see us): %s", error)
+
+    def snapshot(self) -> dict:
+        """What `tunvpnd show` shows (status.snapshot), never a private or preshared key."""
+        from . import status
+
+        return status.snapshot(self.profile, self.ifname, self.sock, self.core, self.device)
+
+    def _uapi_get(self) -> str:
+        from . import uapi
+
+        return uapi.get_text(self.profile.private_key, self.sock.getsockname()[1],
+                             self.device.peers.values())
 
     # -- reload -----------------------------------------------------------------------------
 
@@ -343,6 +399,13 @@ class Daemon:
                     log.warning("reload: skipped %s", skipped)
         except Exception as error:  # noqa: BLE001 - a netlink refusal must not kill the tunnel
             log.error("reload: could not apply interface settings: %s", error)
+        nat_inputs = ("masquerade", "addresses", "routes", "peers")  # what its rules come from
+        if (new.masquerade or old.masquerade) and any(getattr(new, key) != getattr(old, key)
+                                                      for key in nat_inputs):
+            try:
+                self._apply_masquerade(new)
+            except OSError as error:  # the old rules stay: the batch is all or nothing
+                log.error("reload: %s", error)
         if new.peers != old.peers:
             self._replace_peers(new)
         elif self.device is not None and self._wireguard_peers(new) != \
@@ -458,6 +521,30 @@ class Daemon:
             peers.append(peer)
         return peers
 
+    def _apply_masquerade(self, profile: Profile) -> None:
+        """Server: source NAT for the tunnel networks out of the interfaces asked (tunvpnd.nat),
+        or none (a reload turning it off)."""
+        if not profile.masquerade:
+            if self.nat is not None:
+                self.nat.remove()
+                self.nat.close()
+                self.nat = None
+                log.info("masquerade off")
+            return
+        from .nat import Masquerade, tunnel_networks  # here: most profiles never need it
+
+        if self.nat is None:
+            self.nat = Masquerade(profile.name, self.netconf.record_nft_table)
+        networks = tunnel_networks(profile.addresses, profile.routes,
+                                   (net for peer in profile.peers for net in peer.allowed_ips))
+        out = None if profile.masquerade is True else profile.masquerade
+        self.nat.apply(networks, out, self.ifname)
+        shown = " ".join(map(str, networks[:PEERS_LISTED])) + (
+            f" and {len(networks) - PEERS_LISTED} more" if len(networks) > PEERS_LISTED else "")
+        log.info("masquerade: %s out of %s (nftables table inet %s)", shown,
+                 f"every interface but {self.ifname}" if out is None else " ".join(out),
+                 self.nat.table)
+
     def _apply_logging(self, profile: Profile) -> None:
         set_level(profile.log_level)
         self.core.log_packet = PacketLog() if profile.log_packets else None
@@ -492,11 +579,16 @@ class Daemon:
             self._expire_peers(now)
             self._report_refusals(now)
             self._settle_claims()
+            if self.nat is not None and now >= self._next_nat_check:
+                self.nat.repair()  # someone may have flushed the ruleset
+                self._next_nat_check = now + self.nat.CHECK_INTERVAL
         if self.device is not None:  # WireGuard's timers: handshakes, keepalives, expiry
             self.device.tick(now, time.time())
         elif p.keepalive:
             for keepalive in self.core.keepalives_due(p.keepalive):
                 self.forwarder.send(*keepalive)
+        if self.servers is not None:
+            self.servers.tick(now)  # hang up on clients past their deadline
         if now >= self._next_status:
             self.notify(f"STATUS={self.status()}")
             self._next_status = now + STATUS_INTERVAL

@@ -109,6 +109,7 @@ class WireGuardWire:
         self.device = device
         self.outbox = device.outbox  # the same list: the Device appends, the loop drains
         self.now = 0.0
+        self._receive = device.receive  # once per datagram: no attribute lookups
 
     def seal(self, packet: memoryview, peer: Peer) -> bytes | None:
         session = peer.session
@@ -121,9 +122,9 @@ class WireGuardWire:
         if len(datagram) < _KEEPALIVE_SIZE or datagram[0] != _TRANSPORT:
             # a handshake message, a cookie reply or garbage: the slow path, on bytes; what it
             # answers (a response, a cookie reply) leaves from the address it came to
-            self.device.receive(bytes(datagram), source, self.now, local)
+            self._receive(bytes(datagram), source, self.now, local)
             return None
-        opened = self.device.receive(datagram, source, self.now, local)
+        opened = self._receive(datagram, source, self.now, local)
         if opened is None:
             return None
         session, packet = opened

@@ -19,11 +19,8 @@ import ipaddress
 import os
 import struct
 
-from nacl.bindings import (
-    crypto_aead_xchacha20poly1305_ietf_decrypt,
-    crypto_aead_xchacha20poly1305_ietf_encrypt,
-)
-from nacl.exceptions import CryptoError
+# PyNaCl (libsodium, cffi: ~0.7 MB of RSS) is imported by the first cookie reply made or
+# opened, not at start: most daemons never see one.
 
 MAC_SIZE = 16
 COOKIE_REFRESH_TIME = 120.0          # device/constants.go: CookieRefreshTime
@@ -78,11 +75,16 @@ def mac1_ok(message: bytes | memoryview, mac1_key: bytes) -> bool:
 
 def _xaead_seal(key: bytes, nonce: bytes, plaintext: bytes, ad: bytes) -> bytes:
     """XChaCha20-Poly1305 (ciphertext || 16-byte tag), by libsodium through PyNaCl."""
+    from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
+
     return crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, ad, nonce, key)
 
 
 def _xaead_open(key: bytes, nonce: bytes, sealed: bytes, ad: bytes) -> bytes | None:
     """The plaintext, or None when the tag does not verify."""
+    from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_decrypt
+    from nacl.exceptions import CryptoError
+
     try:
         return crypto_aead_xchacha20poly1305_ietf_decrypt(sealed, ad, nonce, key)
     except CryptoError:

@@ -180,6 +180,7 @@ class Device:
                 self.drops[REPLAY] += 1
                 self.last_drop = REPLAY
                 return None
+            session.rx_bytes += size            # wireguard-go: counted before the allowed-IPs check
             if kp is session.next:
                 session.endpoint = source
                 session.confirm(kp, now)
@@ -256,6 +257,7 @@ class Device:
             self._drop(error.reason)
             return
         session = self.peers[consumed.peer.public_key]
+        session.rx_bytes += len(message)
         session.authenticated_received(source, now, local)
         session.forget_initiation()
         index = self.new_index(session, None)
@@ -280,6 +282,7 @@ class Device:
         except noise.HandshakeError as error:
             self._drop(error.reason)
             return
+        session.rx_bytes += len(message)
         session.authenticated_received(source, now, local)
         self.index[receiver] = (session, keypair, ReplayFilter())
         session.response_consumed(keypair, now)

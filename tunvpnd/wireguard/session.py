@@ -63,7 +63,7 @@ class Session:
         "mtu", "user",
         "previous", "current", "next", "initiation", "staged",
         "last_sent_handshake", "handshake_attempts", "sent_last_minute_handshake",
-        "need_another_keepalive", "last_handshake_wall",
+        "need_another_keepalive", "last_handshake_wall", "rx_bytes", "tx_bytes",
         "retransmit_at", "keepalive_at", "new_handshake_at", "zero_at", "persistent_at",
     )
 
@@ -89,6 +89,9 @@ class Session:
         self.sent_last_minute_handshake = False
         self.need_another_keepalive = False
         self.last_handshake_wall: float | None = None      # for STATUS: when one completed
+        # wireguard-go's transfer counters: whole UDP payloads of every authenticated message
+        # received (handshakes, keepalives, data) and of every datagram made for the peer
+        self.rx_bytes = self.tx_bytes = 0
         # Timer deadlines (monotonic seconds) or None when not armed.
         self.retransmit_at: float | None = None
         self.keepalive_at: float | None = None
@@ -124,6 +127,7 @@ class Session:
             self.send_staged(now)
             return None
         datagram = kp.seal(packet, self.mtu)
+        self.tx_bytes += len(datagram)
         # timersAnyAuthenticatedPacketTraversal, ...Sent, DataSent (send.go, timers.go)
         if self.persistent_keepalive:
             self.persistent_at = now + self.persistent_keepalive
@@ -166,7 +170,9 @@ class Session:
         while staged:
             packet = staged.popleft()
             data = data or bool(packet)
-            out.append((kp.seal(packet, mtu), endpoint, local))
+            sealed = kp.seal(packet, mtu)
+            self.tx_bytes += len(sealed)
+            out.append((sealed, endpoint, local))
         if self.persistent_keepalive:
             self.persistent_at = now + self.persistent_keepalive
         self.keepalive_at = None
@@ -199,6 +205,7 @@ class Session:
         if self.persistent_keepalive:
             self.persistent_at = now + self.persistent_keepalive
         self.keepalive_at = None
+        self.tx_bytes += len(init.message)
         device.outbox.append((init.message, self.endpoint, self.local))
         self.retransmit_at = now + REKEY_TIMEOUT + self._jitter()
 
@@ -233,6 +240,7 @@ class Session:
         if self.persistent_keepalive:
             self.persistent_at = now + self.persistent_keepalive
         self.keepalive_at = None
+        self.tx_bytes += len(response)
         device.outbox.append((response, self.endpoint, self.local))
 
     def response_consumed(self, keypair: Keypair, now: float) -> None:
