@@ -76,9 +76,9 @@ routes:
 @pytest.mark.parametrize("text, line, message", [
     (CLIENT + "keepalive: 0x" + "f" * 4000 + "\n", 8, "keepalive: must be from 0 to 3600"),
     (CLIENT + "log: " + "[" * 5000 + "]" * 5000 + "\n", 8, "(file): nested more than 64"),
-    (CLIENT.replace("routes:\n  - 192.168.60.0/24", "routes: [0.0.0.0/0]"), 6,
-     "routes[0]: 0.0.0.0/0 covers the server 10.9.0.11, so the tunnel would carry its own"
-     " datagrams into itself; full-tunnel support comes in a later release"),
+    (CLIENT.replace("routes:\n  - 192.168.60.0/24", "routes: [0.0.0.0/1]"), 6,
+     "routes[0]: 0.0.0.0/1 covers the server 10.9.0.11, so the tunnel would carry its own"
+     " datagrams into itself; only 0.0.0.0/0 and ::/0 (a full tunnel) are routed around that"),
     (CLIENT.replace("10.9.0.11:9090", "255.255.255.255:9090"), 2,
      "server: '255.255.255.255:9090': 255.255.255.255 is the broadcast address"),
     (CLIENT.replace("name: tun0", 'name: "%d"'), 4, "interface.name: '%d' alone would name"),

@@ -827,19 +827,20 @@ def test_endpoints_a_datagram_cannot_come_from(value, message):
 
 
 @pytest.mark.parametrize("routes, index, route", [
-    ("[0.0.0.0/0]", 0, "0.0.0.0/0"),
+    ("[0.0.0.0/1]", 0, "0.0.0.0/1"),
     ("[192.168.60.0/24, 10.9.0.0/24]", 1, "10.9.0.0/24"),
     ("[10.9.0.11]", 0, "10.9.0.11/32"),
 ])
 def test_a_route_covering_the_server_is_refused(routes, index, route):
     assert problem(CLIENT + f"routes: {routes}\n") == (
         f"x.yaml:5: routes[{index}]: {route} covers the server 10.9.0.11, so the tunnel would"
-        " carry its own datagrams into itself; full-tunnel support comes in a later release")
+        " carry its own datagrams into itself; only 0.0.0.0/0 and ::/0 (a full tunnel) are"
+        " routed around that")
 
 
 def test_a_route_covering_an_ipv6_or_mapped_server_is_refused():
-    text = CLIENT.replace("10.9.0.11:9090", "'[fd09::11]:9090'") + "routes: ['::/0']\n"
-    assert problem(text).startswith("x.yaml:5: routes[0]: ::/0 covers the server fd09::11,")
+    text = CLIENT.replace("10.9.0.11:9090", "'[fd09::11]:9090'") + "routes: ['fc00::/7']\n"
+    assert problem(text).startswith("x.yaml:5: routes[0]: fc00::/7 covers the server fd09::11,")
     text = CLIENT.replace("10.9.0.11:9090", "'::ffff:10.9.0.11'") + "routes: [10.0.0.0/8]\n"
     assert problem(text).startswith("x.yaml:5: routes[0]: 10.0.0.0/8 covers the server "
                                     "::ffff:a09:b,")
@@ -862,8 +863,7 @@ def test_a_server_route_covering_a_pinned_endpoint_is_refused():
     assert problem(SERVER + "routes: [10.9.0.0/24]\npeers:\n"
                    "  - {name: a, allowed_ips: [10.9.9.2/32], endpoint: 10.9.0.5:4000}\n") == (
         "x.yaml:4: routes[0]: 10.9.0.0/24 covers the endpoint of peer 'a' 10.9.0.5, so the "
-        "tunnel would carry its own datagrams into itself; full-tunnel support comes in a "
-        "later release")
+        "tunnel would carry its own datagrams into itself")
 
 
 @pytest.mark.parametrize("routes, address, expected", [

@@ -22,6 +22,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_SETLINK
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
+from . import fulltunnel
+
 # Our routes carry this protocol number so we can find (and only ever delete) our own.  Numbers
 # above RTPROT_STATIC (4) are free for routing daemons; 86 is neither in linux/rtnetlink.h nor
 # in iproute2's rt_protos.  `ip route show proto 86` lists them.
@@ -145,6 +147,13 @@ def _state_problem(state: Any) -> str | None:
                 if not ok:
                     kind = "a string" if field == "ifname" else "an integer"
                     return f"{key}[{i}].{field}: missing or not {kind}"
+    policy = state.get("policy", [])
+    if not isinstance(policy, list):
+        return "policy: not a list"
+    for i, rec in enumerate(policy):
+        problem = fulltunnel.record_problem(rec)
+        if problem:
+            return f"policy[{i}]: {problem}"
     tables = state.get("nft_tables", [])
     if not isinstance(tables, list) or not all(isinstance(t, str) for t in tables):
         return "nft_tables: not a list of names"
@@ -164,7 +173,7 @@ class NetConfig:
         pid = os.getpid()
         self._state: dict[str, Any] = {
             "pid": pid, "start": _start_time(pid), "forwarding": [], "routes_on": [],
-            "nft_tables": []}
+            "policy": [], "nft_tables": []}
         # The file at state_path is ours once we wrote it or recovered what it held: until
         # then (an unreadable file, another live run's) restore() must leave it where it is.
         self._own_file = False
@@ -340,6 +349,34 @@ class NetConfig:
             if was == 0:
                 self._set_forwarding(idx, name, 1)
 
+    def full_tunnel(self, ifindex: int, versions: Iterable[int], table: int | None,
+                    fwmark: int | None) -> list[dict[str, Any]]:
+        """Route IPv`versions` everywhere through `ifindex` by policy routing (fulltunnel.py):
+        refuse a table or mark in use, record, then make. Returns the records (table, mark)."""
+        ifname = self._links().get(ifindex)
+        if ifname is None:
+            raise NetConfigError(f"no interface with index {ifindex}")
+        recs = fulltunnel.records(versions, ifindex, ifname, table, fwmark)
+        problems = fulltunnel.conflicts(self._ipr, recs)
+        if problems:
+            raise NetConfigError("full tunnel: " + "; ".join(problems)
+                                 + " (set table: and fwmark: in the profile to others)")
+        self._state["policy"].extend(r for r in recs if r not in self._state["policy"])
+        self._save()
+        for rec in recs:
+            fulltunnel.apply(self._ipr, rec, self._do)
+        return recs
+
+    def strict_rp_filter(self, skip_ifindex: int) -> list[str]:
+        """Links (but `skip_ifindex` and loopback) with strict IPv4 reverse-path filtering."""
+        return fulltunnel.strict_rp_filter(
+            m.get_attr("IFLA_IFNAME") for m in self._ipr.get_links()
+            if m["index"] != skip_ifindex and not m["flags"] & IFF_LOOPBACK)
+
+    def global_ipv6(self, skip_ifindex: int) -> str | None:
+        """A global IPv6 address outside `skip_ifindex` ("ADDR on IFNAME"), or None."""
+        return fulltunnel.global_ipv6(self._ipr, skip_ifindex)
+
     def record_nft_table(self, name: str) -> None:
         """Note an nftables table of ours (tunvpnd.nat) in the state file before it is made."""
         if name not in self._state["nft_tables"]:
@@ -347,10 +384,16 @@ class NetConfig:
             self._save()
 
     def _undo(self, state: dict[str, Any]) -> list[str]:
-        """Remove tagged routes and put forwarding flags back, on links that still exist."""
+        """Remove policy rules, tagged routes and put forwarding flags back, on links that
+        still exist (rules are removed whether or not their link is still there)."""
         lines: list[str] = []
         errors: list[str] = []
         links = self._links()
+        for rec in state.get("policy", []):
+            try:
+                lines.extend(fulltunnel.undo(self._ipr, rec, links, self._do))
+            except NetConfigError as e:
+                errors.append(str(e))
         for rec in state.get("routes_on", []):
             idx, name = rec["ifindex"], rec["ifname"]
             if links.get(idx) != name:
@@ -385,8 +428,9 @@ class NetConfig:
     def _read_state(self) -> dict[str, Any] | None:
         """The state file left by an earlier run (None: there is none), its shape checked."""
         path = self.state_path
-        damaged = (f"; check `ip route show proto {RTPROT_TUNVPND}` and the IPv4 forwarding "
-                   "flags, then delete it")
+        damaged = (f"; check `ip route show table all proto {RTPROT_TUNVPND}`, `ip rule show "
+                   f"proto {RTPROT_TUNVPND}`, `nft list tables` and the IPv4 forwarding flags, "
+                   "then delete it")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
@@ -440,6 +484,7 @@ class NetConfig:
     def restore(self) -> None:
         """Remove our routes, put forwarding back as recorded, delete the state file."""
         self._undo(self._state)
-        self._state["forwarding"], self._state["routes_on"], self._state["nft_tables"] = [], [], []
+        self._state["forwarding"], self._state["routes_on"] = [], []
+        self._state["policy"], self._state["nft_tables"] = [], []
         if self._own_file:
             self._remove_state_file()

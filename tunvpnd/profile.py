@@ -48,11 +48,12 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 WIRES = ("plain", "wireguard")
 _TOP_KEYS = ("mode", "server", "listen", "interface", "routes", "forward", "keepalive",
              "peer_timeout", "peers", "log", "max_learned_peers", "max_addresses_per_endpoint",
-             "wire", "private_key_file", "server_public_key", "preshared_key_file", "masquerade")
+             "wire", "private_key_file", "server_public_key", "preshared_key_file", "masquerade",
+             "table", "fwmark")
 _MODE_ONLY = {"server": "client", "listen": "server", "peers": "server", "peer_timeout": "server",
               "max_learned_peers": "server", "max_addresses_per_endpoint": "server",
               "server_public_key": "client", "preshared_key_file": "client",
-              "masquerade": "server"}
+              "masquerade": "server", "table": "client", "fwmark": "client"}
 _WIREGUARD_ONLY = ("private_key_file", "server_public_key", "preshared_key_file")
 _PEER_WIREGUARD_ONLY = ("public_key", "preshared_key_file")
 _IFACE_KEYS = ("name", "address", "mtu")
@@ -105,6 +106,9 @@ class Profile:
     # server: source NAT for the tunnel networks (tunvpnd.nat): False, True (out of every
     # interface but the TUN) or the names of the outgoing interfaces
     masquerade: bool | tuple[str, ...] = False
+    # client with 0.0.0.0/0 or ::/0 in routes (fulltunnel.py); None: derived from the TUN
+    table: int | None = None
+    fwmark: int | None = None
 
     @property
     def name(self) -> str:
@@ -210,6 +214,7 @@ def load_profile(path: str | Path) -> Profile:
 
     routes = c.networks(got.get("routes"), "routes")
     c.loops(server)
+    policy = c.full_tunnel(got, routes, Path(path)) if mode == "client" else {}
     forward = c.boolean(got["forward"], "forward") if "forward" in got else False
     keepalive = 25 if mode == "client" else 0
     if "keepalive" in got:
@@ -245,7 +250,7 @@ def load_profile(path: str | Path) -> Profile:
         raise ProfileError(c.report(file), len(c.problems) + c.dropped)
     return Profile(Path(path), mode, server, listen, ifname, tuple(addresses), mtu, tuple(routes),
                    forward, peers, keepalive, peer_timeout, level, packets, **limits, wire=wire,
-                   **keys)
+                   **keys, **policy)
 
 
 def _plain_says(got: dict) -> str:
@@ -629,16 +634,47 @@ class _Checker:
         ip = _as_ip(hostport[0]) if hostport else None
         if ip is None:
             return
-        routes = self.listed.get("routes", [])
+        # 0.0.0.0/0 and ::/0 go through policy routing (a full tunnel): our datagrams carry a
+        # mark that keeps them out of the tunnel (fulltunnel.py)
+        routes = [(net, node, where) for net, node, where in self.listed.get("routes", [])
+                  if net.prefixlen or what != "the server"]
         route = covering_route([net for net, _, _ in routes], hostport[0])
         if route is not None:
             node, where = next((n, w) for net, n, w in routes if net == route)
+            full = what == "the server"  # a client: its full tunnel is routed around that
             self.fail(node, where, f"{route} covers {what} {ip}, so the tunnel would carry its "
-                      "own datagrams into itself; full-tunnel support comes in a later release")
+                      "own datagrams into itself" + ("; only 0.0.0.0/0 and ::/0 (a full "
+                                                     "tunnel) are routed around that" if full
+                                                     else ""))
         for address, node, where in self.listed.get("interface.address", ()):
             if covering_route([address.network], hostport[0]):
                 self.fail(node, where, f"{address} puts {what} {ip} inside the tunnel network, "
                           "so the tunnel would carry its own datagrams into itself")
+
+    def full_tunnel(self, got: dict, routes: list[Any], path: Path) -> dict:
+        """table: and fwmark: of a client; they need 0.0.0.0/0 or ::/0 in routes, must not be
+        the kernel's tables or 0, nor the same as another profile's in this directory."""
+        found: dict[str, int] = {}
+        full = any(net.prefixlen == 0 for net in routes)
+        for key in ("table", "fwmark"):
+            if key not in got:
+                continue
+            node = got[key]
+            value = self.integer(node, key, 1, 0xFFFFFFFF)
+            if value is None:
+                continue
+            if not full:
+                self.fail(node, key, "only used with a full tunnel (0.0.0.0/0 or ::/0 in "
+                          "routes)")
+            elif key == "table" and value in (253, 254, 255):
+                self.fail(node, key, f"{value} is one of the kernel's tables (default, main, "
+                          "local): choose another, or leave table: out")
+            elif (other := _sibling_with(path, key, value)) is not None:
+                self.fail(node, key, f"{value} is also the {key} of {other}: two instances "
+                          "would share it")
+            else:
+                found[key] = value
+        return found
 
     def key(self, node: Node, path: str) -> bytes | None:
         """A public key written in the profile, as `wg pubkey` prints it."""
@@ -792,6 +828,28 @@ class _Checker:
             other, who = owners[earlier][:2]
             self.fail(ip, ipwhere, f"{net} of {owner} overlaps {other} of {who}")
         return tuple(peers)
+
+
+def _sibling_with(path: Path, key: str, value: int) -> str | None:
+    """Another profile in the same directory whose `key` (table, fwmark) is `value`: the name of
+    its file, or None. Only what can be seen: unreadable or broken files are skipped."""
+    here = path.resolve() if path.exists() else path
+    try:
+        siblings = sorted(path.parent.glob("*.yaml"))
+    except OSError:
+        return None
+    for other in siblings[:1000]:
+        try:
+            if other.resolve() == here or not other.is_file():
+                continue
+            if other.stat().st_size > MAX_PROFILE_BYTES:
+                continue
+            data = yaml.safe_load(_read(str(other)))
+        except (OSError, ValueError, yaml.YAMLError, _Unreadable, RecursionError):
+            continue
+        if isinstance(data, dict) and data.get(key) == value and type(data.get(key)) is int:
+            return other.name
+    return None
 
 
 def _parse_hostport(text: str, names: bool) -> tuple[str, int | None]:

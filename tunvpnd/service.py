@@ -21,7 +21,7 @@ from pathlib import Path
 
 import sdnotify
 
-from . import instance, transport
+from . import fulltunnel, instance, transport
 from .core import Core, Counters
 from .logs import PacketLog, set_level
 from .loop import Forwarder
@@ -90,6 +90,7 @@ class Daemon:
         self._expired_log = RateLimit()  # server: lines about expired peers
         self._refused_log: dict[str, RateLimit] = {}  # drop reason -> lines about new sources
         self._refused_seen: dict[str, int] = {}  # drop reason -> its counter when last looked
+        self.fwmark = 0  # client with a full tunnel: the mark on our socket (fulltunnel.py)
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -138,7 +139,10 @@ class Daemon:
             self.tun_fd, self.ifname = open_tun(p.ifname)
         self.ifindex = self.netconf.setup_interface(self.ifname, p.addresses, p.mtu)
         self._stop_point()
-        self.netconf.sync_routes(self.ifindex, p.routes, strict=True)
+        main_routes, everywhere = _split_routes(p)
+        self.netconf.sync_routes(self.ifindex, main_routes, strict=True)
+        if everywhere:
+            self._full_tunnel(p, everywhere)
         if p.forward:
             self.netconf.enable_forwarding(self.ifindex)
         self._apply_masquerade(p)
@@ -150,6 +154,8 @@ class Daemon:
         if p.mode == "client":
             family = transport.client_family(p.server[0])
             self.sock = transport.open_udp("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+            if self.fwmark:  # before the first datagram: none may take the tunnel's way
+                fulltunnel.mark_socket(self.sock, self.fwmark)
             # Only where we connect to: until then the socket takes datagrams from anyone, and
             # the first to guess its port must not become our server.
             self.server_peer = Peer("server", EVERYWHERE, roams=False)
@@ -182,6 +188,24 @@ class Daemon:
         self._serve()
         self._stop_point()
         self.notify("READY=1", f"STATUS={self.status()}")
+
+    def _full_tunnel(self, p: Profile, versions: list[int]) -> None:
+        recs = self.netconf.full_tunnel(self.ifindex, versions, p.table, p.fwmark)
+        self.fwmark = recs[0]["fwmark"]
+        log.info("full tunnel: IPv%s through %s by policy routing (table %d, fwmark %#x)",
+                 " and IPv".join(map(str, versions)), self.ifname, recs[0]["table"],
+                 self.fwmark)
+        strict = self.netconf.strict_rp_filter(self.ifindex) if 4 in versions else []
+        if strict:
+            log.warning("full tunnel: strict reverse-path filtering (rp_filter=1) on %s drops "
+                        "the server's replies there: set net.ipv4.conf.all.rp_filter and that "
+                        "interface's to 2 (loose)", ", ".join(strict))
+        if versions == [4]:
+            leak = self.netconf.global_ipv6(self.ifindex)
+            if leak:
+                log.warning("full tunnel for IPv4 only, but this host has global IPv6 (%s): "
+                            "IPv6 traffic leaves outside the tunnel; add ::/0 to routes to "
+                            "send it through the tunnel too", leak)
 
     def cleanup(self) -> None:
         """Put the host back as it was: routes, forwarding, TUN, socket, state file."""
@@ -363,8 +387,15 @@ class Daemon:
         try:
             if (new.addresses, new.mtu) != (old.addresses, old.mtu):
                 self.netconf.setup_interface(self.ifname, new.addresses, new.mtu)
+            if _split_routes(new)[1] != _split_routes(old)[1] or \
+                    (new.table, new.fwmark) != (old.table, old.fwmark):
+                log.warning("the full tunnel (0.0.0.0/0, ::/0, table, fwmark) changed: restart "
+                            "the service to apply it")
+                new = replace(new, table=old.table, fwmark=old.fwmark, routes=tuple(
+                    _split_routes(new)[0]) + tuple(r for r in old.routes if not r.prefixlen))
             if new.routes != old.routes:
-                for skipped in self.netconf.sync_routes(self.ifindex, new.routes, strict=False):
+                for skipped in self.netconf.sync_routes(self.ifindex, _split_routes(new)[0],
+                                                        strict=False):
                     log.warning("reload: skipped %s", skipped)
         except Exception as error:  # noqa: BLE001 - a netlink refusal must not kill the tunnel
             log.error("reload: could not apply interface settings: %s", error)
@@ -669,7 +700,8 @@ class Daemon:
         # what `check` refuses for a literal server, for the address a name resolved to
         address = self._resolved[0]
         p = self.profile
-        inside = covering_route([*p.routes, *(a.network for a in p.addresses)], address)
+        inside = covering_route([*_split_routes(p)[0], *(a.network for a in p.addresses)],
+                                address)
         if inside is not None:
             self._retry_later(now, f"server {self._server_text()} is at "
                                    f"{transport.format_host(address)}, inside {inside}, so the "
@@ -685,7 +717,7 @@ class Daemon:
         forwarder, retrying = self.forwarder, self._retry
         before = self.sock.getsockname()[0] if forwarder.peer_endpoint is not None else None
         try:
-            source = transport.source_for(self.sock.family, endpoint)
+            source = transport.source_for(self.sock.family, endpoint, self.fwmark)
             if endpoint == forwarder.peer_endpoint and source == before:
                 forwarder.rebind_wanted = False
             else:
@@ -755,6 +787,13 @@ class Daemon:
 
     def notify(self, *fields: str) -> None:
         self.notifier.notify("\n".join(fields))
+
+
+def _split_routes(p: Profile) -> tuple[list, list[int]]:
+    """(routes for the main table, IP versions a client routes everywhere: its full tunnel)."""
+    if p.mode != "client":
+        return list(p.routes), []
+    return fulltunnel.split_routes(p.routes)
 
 
 def offloads_wanted() -> bool:

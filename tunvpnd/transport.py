@@ -138,12 +138,15 @@ class LocalAddresses(dict):
         return control
 
 
-def source_for(family: int, endpoint: tuple) -> str:
+def source_for(family: int, endpoint: tuple, mark: int = 0) -> str:
     """The source address the kernel would send from to `endpoint` now, as getsockname() on a
-    socket of `family` spells it. OSError (ENETUNREACH, ...) when there is no route."""
+    socket of `family` (with SO_MARK `mark`, as ours) spells it. OSError (ENETUNREACH, ...)
+    when there is no route."""
     with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as probe:
         if family == socket.AF_INET6:
             probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if mark:  # the full tunnel's rules route a marked socket by the main table
+            probe.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_MARK", 36), mark)
         probe.connect(endpoint)
         return probe.getsockname()[0]
 

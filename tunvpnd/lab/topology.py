@@ -10,6 +10,19 @@ whose other end is a port of that bridge, so more clients join a LAN with one ta
 Nothing is configured in the root namespace except creating and removing the namespaces; no
 namespace has a default route, and no link leads out of the lab.
 
+`Lab(prefix, internet=True)` (opt-in, for full-tunnel tests) is a road warrior's world instead:
+
+    HostU 10.8.0.5 ─ br-home ─ router ─ br-net ─ VPN server ─ br-lan ─ HostV  (as above)
+          fd08::5           .1 / .1       10.9.0.11 \
+                    (default via the router)          └─ br-inet ─ inet 203.0.113.80, fd13::80
+                                                        .11, fd13::11   (default via the server)
+
+HostU's default routes (IPv4 and IPv6) go through the router, whose own default is the
+server's public side (10.9.0.11, fd09::11); the server, forwarding both families, is the way
+to the "internet" host, and inet's default route leads back through the server (so it reaches
+the tunnel networks 192.168.53.0/24 and fd53::/64 without masquerade). Every host of that world
+has IPv6 addresses too (no DAD). The default lab is left exactly as it is.
+
 Everything is built with pyroute2 (works with 0.7.2 and 0.9.x); processes enter a host's
 namespace with `pyroute2.netns.setns` in the child before exec.
 """
@@ -28,7 +41,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_interface, ip_network
 from pathlib import Path
 
 from pyroute2 import NetNS, netns
@@ -36,6 +49,7 @@ from pyroute2 import NetNS, netns
 DEFAULT_PREFIX = "tvlab"
 LAB_RUN_ROOT = Path("/run/tunvpnd-lab")
 NETNS_DIR = Path(getattr(netns, "NETNS_RUN_DIR", "/var/run/netns"))
+IFA_F_NODAD = 0x02              # IPv6 lab addresses are usable at once (no duplicate detection)
 SWITCH = "sw"                   # role-like suffix of the switch namespace holding the bridges
 
 # ---------------------------------------------------------------------------------------------
@@ -45,8 +59,10 @@ SWITCH = "sw"                   # role-like suffix of the switch namespace holdi
 @dataclass(frozen=True)
 class HostSpec:
     role: str
-    links: tuple[tuple[str, str], ...]              # (lan, "address/prefixlen"), eth0, eth1, ...
+    # (lan, "address/prefixlen"), eth0, eth1, ...; more addresses of a link after a space
+    links: tuple[tuple[str, str], ...]
     routes: tuple[tuple[str, str], ...] = field(default=())   # (destination network, gateway)
+    forwarding: bool = False        # IPv4 and IPv6 forwarding on (a router)
 
 
 LANS: dict[str, str] = {            # lan key -> network; the bridge is f"br-{key}"
@@ -59,6 +75,28 @@ BASE_HOSTS: tuple[HostSpec, ...] = (
     HostSpec("server", (("net", "10.9.0.11/24"), ("lan", "192.168.60.11/24"))),
     HostSpec("hostv", (("lan", "192.168.60.5/24"),),
              routes=(("192.168.53.0/24", "192.168.60.11"),)),
+)
+
+# The opt-in "internet" world (Lab(internet=True)): see the module docstring.
+INTERNET_LANS: dict[str, str] = {
+    "home": "10.8.0.0/24",          # HostU's own LAN, behind the router
+    "net": "10.9.0.0/24",
+    "lan": "192.168.60.0/24",
+    "inet": "203.0.113.0/24",       # the "internet" beyond the VPN server
+}
+
+INTERNET_HOSTS: tuple[HostSpec, ...] = (
+    HostSpec("hostu", (("home", "10.8.0.5/24 fd08::5/64"),),
+             routes=(("0.0.0.0/0", "10.8.0.1"), ("::/0", "fd08::1"))),
+    HostSpec("router", (("home", "10.8.0.1/24 fd08::1/64"), ("net", "10.9.0.1/24 fd09::1/64")),
+             routes=(("0.0.0.0/0", "10.9.0.11"), ("::/0", "fd09::11")), forwarding=True),
+    HostSpec("server", (("net", "10.9.0.11/24 fd09::11/64"), ("lan", "192.168.60.11/24"),
+                        ("inet", "203.0.113.11/24 fd13::11/64")),
+             routes=(("10.8.0.0/24", "10.9.0.1"), ("fd08::/64", "fd09::1")), forwarding=True),
+    HostSpec("hostv", (("lan", "192.168.60.5/24"),),
+             routes=(("192.168.53.0/24", "192.168.60.11"),)),
+    HostSpec("inet", (("inet", "203.0.113.80/24 fd13::80/64"),),
+             routes=(("0.0.0.0/0", "203.0.113.11"), ("::/0", "fd13::11"))),
 )
 
 CLIENT_NET = "net"                  # extra clients ("hostu2", "hostu3", ...) join this LAN
@@ -160,14 +198,18 @@ _SCRUB_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"
 class Lab:
     """The lab topology under one prefix. `with Lab(prefix) as lab:` builds it and tears it down."""
 
-    def __init__(self, prefix: str | None = None, extra_clients: int = 0) -> None:
+    def __init__(self, prefix: str | None = None, extra_clients: int = 0,
+                 internet: bool = False) -> None:
         self.prefix = prefix or DEFAULT_PREFIX
         if not _PREFIX_RE.match(self.prefix):
             raise ValueError(f"bad lab prefix {self.prefix!r}")
-        used = {IPv4Interface(a).ip for h in BASE_HOSTS for _, a in h.links}
-        self.specs: tuple[HostSpec, ...] = BASE_HOSTS + tuple(_extra_clients(extra_clients, used))
+        self.internet = internet
+        base = INTERNET_HOSTS if internet else BASE_HOSTS
+        self.lans: dict[str, str] = INTERNET_LANS if internet else LANS
+        used = {IPv4Interface(a.split()[0]).ip for h in base for _, a in h.links}
+        self.specs: tuple[HostSpec, ...] = base + tuple(_extra_clients(extra_clients, used))
         self.hosts: dict[str, str] = {s.role: _ns_name(self.prefix, s.role) for s in self.specs}
-        self.addresses: dict[str, str] = {s.role: str(IPv4Interface(s.links[0][1]).ip)
+        self.addresses: dict[str, str] = {s.role: str(IPv4Interface(s.links[0][1].split()[0]).ip)
                                           for s in self.specs}
         self.switch: str = _ns_name(self.prefix, SWITCH)
         self.run_dir: Path = LAB_RUN_ROOT / self.prefix
@@ -212,10 +254,14 @@ class Lab:
                 if names != ["lo"]:
                     raise RuntimeError(f"netns {name} is not fresh (links {names}); refusing")
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                if self.internet:  # no DAD: link-local addresses (and routes) final at once,
+                    self._sysctl(name, {  # so a test's "before" is the state that stays
+                        "/proc/sys/net/ipv6/conf/all/accept_dad": "0",
+                        "/proc/sys/net/ipv6/conf/default/accept_dad": "0"})
 
             sw = handles[self.switch]
             bridges = {}
-            for lan in LANS:
+            for lan in self.lans:
                 sw.link("add", ifname=f"br-{lan}", kind="bridge")
                 bridges[lan] = sw.link_lookup(ifname=f"br-{lan}")[0]
                 sw.link("set", index=bridges[lan], state="up")
@@ -227,20 +273,46 @@ class Lab:
                     ipr.link("add", ifname=ifname, kind="veth",
                              peer={"ifname": port, "net_ns_fd": self.switch})
                     idx = ipr.link_lookup(ifname=ifname)[0]
-                    iface = IPv4Interface(address)
-                    ipr.addr("add", index=idx, address=str(iface.ip),
-                             prefixlen=iface.network.prefixlen)
+                    for text in address.split():
+                        iface = ip_interface(text)
+                        extra = {"flags": IFA_F_NODAD} if iface.version == 6 else {}
+                        ipr.addr("add", index=idx, address=str(iface.ip),
+                                 prefixlen=iface.network.prefixlen, **extra)
                     ipr.link("set", index=idx, state="up")
                     pidx = sw.link_lookup(ifname=port)[0]
                     sw.link("set", index=pidx, master=bridges[lan])
                     sw.link("set", index=pidx, state="up")
                 for dst, gateway in spec.routes:
-                    net = IPv4Network(dst)
-                    ipr.route("add", dst=str(net.network_address), dst_len=net.prefixlen,
-                              gateway=gateway)
+                    net = ip_network(dst)
+                    ipr.route("add", family=socket.AF_INET if net.version == 4
+                              else socket.AF_INET6, dst=str(net.network_address),
+                              dst_len=net.prefixlen, gateway=gateway)
         finally:
             for ipr in handles.values():
                 ipr.close()
+        for spec in self.specs:
+            if spec.forwarding:  # IPv4 and IPv6: a router
+                self._sysctl(self.hosts[spec.role], {
+                    "/proc/sys/net/ipv4/ip_forward": "1",
+                    "/proc/sys/net/ipv6/conf/all/forwarding": "1"})
+
+    @staticmethod
+    def _sysctl(name: str, settings: dict[str, str]) -> None:
+        """Write sysctls of namespace `name` (/proc/sys/net shows the reader's namespace)."""
+        pid = os.fork()
+        if pid == 0:  # the child enters the namespace and writes; we never leave ours
+            code = 1
+            try:
+                netns.setns(name, flags=0)
+                for path, value in settings.items():
+                    with open(path, "w") as f:
+                        f.write(value)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"could not set {', '.join(settings)} in {name}")
 
     def down(self, keep_logs: bool = False) -> None:
         """Stop the lab's processes (by PID), delete its namespaces and its run directory."""
