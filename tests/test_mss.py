@@ -7,11 +7,15 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import struct
+import subprocess
+import sys
 from ipaddress import ip_address, ip_network
 
 import pytest
 
+from tests.conftest import client_profile, in_ns, server_profile
 from tests.fakesock import FakeSocket
 from tests.ipcraft import checksum, ipv6
 from tests.test_offload import (
@@ -411,3 +415,168 @@ def test_profile_mss_clamp_must_be_a_boolean(tmp_path):
     with pytest.raises(ProfileError) as error:
         load_profile(path)
     assert f"{path}:4: mss_clamp:" in str(error.value)
+
+
+# -- end to end: a LAN behind HostU, ICMP "fragmentation needed" dropped ----------------------
+#
+#   lanu 192.168.70.5 ── eth1 HostU (client, forward) ══ tunnel, MTU 1420 ══ server ── HostV
+#   (MTU 1500 links)     192.168.70.1                                          192.168.60.5
+#
+# Without clamping, lanu and HostV agree on MSS 1460: their 1500-byte segments do not fit the
+# tunnel, HostU and the server answer with ICMP "fragmentation needed", which lanu and HostV
+# drop (nft), and the transfer stalls after the handshake; with it, they send 1420-byte ones.
+
+LAN_PREFIX = "192.168.70"
+ECHO_BYTES = 1024 * 1024
+TUNNEL_MTU = 1420
+DROP_PMTU_ICMP = """\
+table inet mss_test {
+  chain input {
+    type filter hook input priority 0; policy accept;
+    icmp type destination-unreachable icmp code frag-needed counter drop
+    icmpv6 type packet-too-big counter drop
+  }
+}
+"""
+
+# In HostV: the first SYN to port 9000 that arrives on eth0, and its MSS option.
+SYN_CAPTURE = r"""
+import socket, struct
+s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+s.bind(("eth0", 0x0800))
+s.settimeout(60)
+print("ready", flush=True)
+while True:
+    p = s.recv(65536)
+    ihl = (p[0] & 15) * 4
+    if p[9] != 6 or struct.unpack_from("!H", p, ihl + 2)[0] != 9000 or p[ihl + 13] & 0x12 != 2:
+        continue
+    end, at, mss = ihl + (p[ihl + 12] >> 4) * 4, ihl + 20, None
+    while at < end and p[at]:
+        if p[at] == 1:
+            at += 1
+            continue
+        if p[at] == 2:
+            mss = struct.unpack_from("!H", p, at + 2)[0]
+            break
+        at += p[at + 1]
+    print("mss", mss, flush=True)
+    break
+"""
+
+# echo server HOST | echo client HOST NBYTES DEADLINE: how much came back before the deadline
+ECHO = r"""
+import random, socket, sys, threading, time
+if sys.argv[1] == "server":
+    srv = socket.create_server((sys.argv[2], 9000))
+    print("listening", flush=True)
+    conn, _ = srv.accept()
+    while data := conn.recv(65536):
+        conn.sendall(data)
+    sys.exit()
+host, n, deadline = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+payload = random.randbytes(n)
+sock = socket.create_connection((host, 9000), timeout=10)
+sock.settimeout(None)
+def send():
+    sock.sendall(payload)
+    sock.shutdown(socket.SHUT_WR)
+threading.Thread(target=send, daemon=True).start()
+got, end = bytearray(), time.monotonic() + deadline
+import select
+while len(got) < n and time.monotonic() < end:
+    if not select.select([sock], [], [], end - time.monotonic())[0]:
+        break
+    data = sock.recv(65536)
+    if not data:
+        break
+    got += data
+print("echoed", len(got), "identical" if bytes(got) == payload else "different", flush=True)
+"""
+
+
+@pytest.fixture
+def lanu(lab):
+    """Host `lanu` on a LAN behind HostU, routed through the tunnel; HostV routes it back.
+    Its namespace has the lab's prefix, so lab.down() removes it (and kills what runs there)
+    even if this test fails half-way."""
+    name = f"{lab.prefix}-lanu"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    lab.hosts["lanu"] = name
+    hostu = lab.hosts["hostu"]
+    for argv in (["-n", hostu, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0",
+                  "netns", name],
+                 ["-n", hostu, "addr", "add", f"{LAN_PREFIX}.1/24", "dev", "eth1"],
+                 ["-n", hostu, "link", "set", "eth1", "up"],
+                 ["-n", name, "link", "set", "lo", "up"],
+                 ["-n", name, "addr", "add", f"{LAN_PREFIX}.5/24", "dev", "eth0"],
+                 ["-n", name, "link", "set", "eth0", "up"],
+                 ["-n", name, "route", "add", "default", "via", f"{LAN_PREFIX}.1"],
+                 ["-n", lab.hosts["hostv"], "route", "add", f"{LAN_PREFIX}.0/24", "via",
+                  "192.168.60.11"]):
+        subprocess.run(["ip", *argv], check=True, capture_output=True)
+    for role in ("lanu", "hostv"):  # every link stays at MTU 1500; no PMTU discovery
+        result = lab.run(role, ["nft", "-f", "-"], input=DROP_PMTU_ICMP)
+        assert result.returncode == 0, result.stderr
+    return name
+
+
+def echo_from_lanu(lab, deadline: float) -> tuple[str, int | None]:
+    """A 1 MB TCP echo lanu -> HostV -> lanu: (the client's verdict, MSS of the SYN at HostV)."""
+    capture = lab.spawn("hostv", [sys.executable, "-c", SYN_CAPTURE], stdout=subprocess.PIPE,
+                        text=True)
+    server = lab.spawn("hostv", [sys.executable, "-c", ECHO, "server", "0.0.0.0"],
+                       stdout=subprocess.PIPE, text=True)
+    try:
+        assert capture.stdout.readline().strip() == "ready"
+        assert server.stdout.readline().strip() == "listening"
+        result = in_ns(lab, "lanu", [sys.executable, "-c", ECHO, "client", "192.168.60.5",
+                                     str(ECHO_BYTES), str(deadline)], timeout=deadline + 30)
+        seen = capture.stdout.readline().split()
+        return result.stdout.strip(), int(seen[1]) if seen and seen[1] != "None" else None
+    finally:
+        for proc in (capture, server):
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+
+
+def plain_profiles(clamp: str) -> tuple[str, str]:
+    """Client and server profiles (plain wire); `clamp`: which of them has mss_clamp on."""
+    client = (client_profile() + "forward: true\n"
+              + f"mss_clamp: {str(clamp in ('both', 'client')).lower()}\n")
+    server = server_profile(extra=f"routes: [{LAN_PREFIX}.0/24]\n"
+                            f"mss_clamp: {str(clamp in ('both', 'server')).lower()}")
+    return client, server
+
+
+def counted(daemon) -> int:
+    found = re.search(r"mss_clamped (\d+)", daemon.status())
+    return int(found.group(1)) if found else 0
+
+
+@pytest.mark.parametrize("clamp", ["both", "client", "server"])
+def test_plain_a_lan_behind_the_client_gets_through_with_clamping(lab, lanu, daemons, clamp):
+    """Either daemon alone clamps both directions (the SYN one way, the SYN-ACK the other)."""
+    client_text, server_text = plain_profiles(clamp)
+    server = daemons(lab, "server", server_text)
+    client = daemons(lab, "hostu", client_text, name="client")
+    verdict, syn_mss = echo_from_lanu(lab, deadline=60)
+    assert verdict == f"echoed {ECHO_BYTES} identical", verdict
+    assert syn_mss == TUNNEL_MTU - 40
+    want = {"both": (1, 1), "client": (2, 0), "server": (0, 2)}[clamp]
+    client.wait_status(lambda s: counted(client) == want[0], timeout=30)
+    server.wait_status(lambda s: counted(server) == want[1], timeout=30)
+
+
+def test_plain_without_clamping_the_same_transfer_stalls(lab, lanu, daemons):
+    """What proves the test: the ICMP that path MTU discovery needs is dropped, so without
+    mss_clamp the 1 MB does not get through before the deadline."""
+    client_text, server_text = plain_profiles("none")
+    daemons(lab, "server", server_text)
+    daemons(lab, "hostu", client_text, name="client")
+    verdict, syn_mss = echo_from_lanu(lab, deadline=10)
+    assert syn_mss == 1460
+    echoed = int(verdict.split()[1])
+    print(f"without mss_clamp: {verdict} in 10 s")
+    assert echoed < ECHO_BYTES, verdict
