@@ -30,6 +30,9 @@ from tests.test_offload import (
     pseudo,
     tcp_packet,
 )
+from tests.test_wgtunnel import Keys
+from tests.test_wgtunnel import client_text as wg_client_text
+from tests.test_wgtunnel import server_text as wg_server_text
 from tunvpnd import loop, mss
 from tunvpnd.core import Core
 from tunvpnd.offload import F_NEEDS_CSUM, VNET_HDR, VNET_HDR_LEN
@@ -580,3 +583,22 @@ def test_plain_without_clamping_the_same_transfer_stalls(lab, lanu, daemons):
     echoed = int(verdict.split()[1])
     print(f"without mss_clamp: {verdict} in 10 s")
     assert echoed < ECHO_BYTES, verdict
+
+
+@pytest.mark.parametrize("clamp", [True, False], ids=["clamp", "no-clamp"])
+def test_wireguard_clamps_likewise(lab, lanu, daemons, sockdir, clamp):
+    """Over wire: wireguard the client's inbound packets are the decrypted (immutable) bytes:
+    the SYN-ACK is copied to be clamped. Clamping on the client only: it does both ways."""
+    keys = Keys(sockdir)
+    server = wg_server_text(keys).replace(
+        "allowed_ips: [192.168.53.99/32]", f"allowed_ips: [192.168.53.99/32, {LAN_PREFIX}.0/24]")
+    daemons(lab, "server", server + f"routes: [{LAN_PREFIX}.0/24]\nmss_clamp: false\n")
+    client = daemons(lab, "hostu", wg_client_text(keys) + "forward: true\n"
+                     f"mss_clamp: {str(clamp).lower()}\n", name="client")
+    verdict, syn_mss = echo_from_lanu(lab, deadline=60 if clamp else 10)
+    if clamp:
+        assert verdict == f"echoed {ECHO_BYTES} identical", verdict
+        assert syn_mss == TUNNEL_MTU - 40
+        client.wait_status(lambda s: counted(client) == 2, timeout=30)
+    else:
+        assert syn_mss == 1460 and int(verdict.split()[1]) < ECHO_BYTES, verdict
