@@ -30,6 +30,7 @@ from tests.test_offload import (
     pseudo,
     tcp_packet,
 )
+from tests.test_reload import reload
 from tests.test_wgtunnel import Keys
 from tests.test_wgtunnel import client_text as wg_client_text
 from tests.test_wgtunnel import server_text as wg_server_text
@@ -641,3 +642,19 @@ def test_plain_ipv6_is_clamped_to_mtu_minus_60(lab, lanu, daemons, clamp):
         client.wait_status(lambda s: counted(client) >= 1, timeout=30)
     else:
         assert syn_mss == 1440 and int(verdict.split()[1]) < ECHO_BYTES, verdict
+
+
+def test_reload_turns_clamping_on_and_off(lab, lanu, daemons):
+    """mss_clamp (and the MTU it uses) follows the profile on reload: off, then on (the
+    transfer gets through), then off again (it stalls again)."""
+    client_text, server_text = plain_profiles("none")
+    daemons(lab, "server", server_text)
+    client = daemons(lab, "hostu", client_text, name="client")
+    client.profile.write_text(client_text.replace("mss_clamp: false", "mss_clamp: true"))
+    reload(client)
+    verdict, syn_mss = echo_from_lanu(lab, deadline=60)
+    assert verdict == f"echoed {ECHO_BYTES} identical" and syn_mss == TUNNEL_MTU - 40, verdict
+    client.profile.write_text(client_text)
+    reload(client)
+    verdict, syn_mss = echo_from_lanu(lab, deadline=8)
+    assert syn_mss == 1460 and int(verdict.split()[1]) < ECHO_BYTES, verdict
