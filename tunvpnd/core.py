@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_network
 
+from . import mss
 from . import packet as ip
+from .mss import PROTO_AT, SYN, SYN_AT, TCP
 from .packet import HEADER_ONLY
 from .peers import IPNetwork, Peer, PeerTable, PrefixMap, host_network
 from .wire import Wire
@@ -49,7 +51,7 @@ DROP_REASONS = (
 class Counters:
     # staged: packets the wire keeps until a handshake completes (wireguard): not a drop
     __slots__ = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "keepalives", "challenges",
-                 "staged", *DROP_REASONS)
+                 "staged", "mss_clamped", *DROP_REASONS)
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -96,6 +98,23 @@ class Core:
         self.received_at: list | None = None
         self.send_from: list | None = None
         self.set_learning(learn_within)
+        self.mss_limits: tuple[int, ...] | None = None  # by IP version; None: no clamping
+
+    def set_mss_clamp(self, mtu: int | None) -> None:
+        """Clamp the MSS of SYNs crossing the tunnel to fit `mtu` (the TUN's); None: never."""
+        self.mss_limits = mss.limits(mtu) if mtu else None
+
+    def _clamp(self, packet: memoryview, version: int) -> memoryview:
+        """Slow path: a TCP packet with the SYN bit at SYN_AT (a SYN, or one with IPv6
+        extension headers that looks like one). The packet itself if nothing changed, else
+        the clamped one."""
+        limits = self.mss_limits
+        if limits is not None:
+            clamped = mss.clamp(packet, version, limits[version])
+            if clamped is not None:
+                self.counters.mss_clamped += 1
+                return clamped
+        return packet
 
     def set_addresses(self, addresses: Iterable[IPv4Interface | IPv6Interface]) -> None:
         """Our own tunnel addresses (a plain-wire client): each keepalive is one ANNOUNCE per
@@ -151,6 +170,12 @@ class Core:
         peer.tx_bytes += n
         peer.last_tx = self.now
         self.send_from = peer.local
+        try:  # MSS clamping: one byte tested per packet; one too short for it is no SYN
+            syn = packet[SYN_AT[version]] & SYN and packet[PROTO_AT[version]] == TCP
+        except IndexError:
+            syn = False
+        if syn:
+            packet = self._clamp(packet, version)
         if self.log_packet is not None:
             self.log_packet("From tun ==>", packet)
         datagram = self.wire.seal(packet, peer)
@@ -197,6 +222,12 @@ class Core:
         peer.rx_bytes += n
         peer.last_rx = self.now
         peer.local = self.received_at
+        try:  # MSS clamping: as in outbound
+            syn = packet[SYN_AT[version]] & SYN and packet[PROTO_AT[version]] == TCP
+        except IndexError:
+            syn = False
+        if syn:
+            packet = self._clamp(packet, version)
         if self.log_packet is not None:
             self.log_packet("From socket <==", packet)
         return packet

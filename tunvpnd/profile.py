@@ -49,7 +49,7 @@ WIRES = ("plain", "wireguard")
 _TOP_KEYS = ("mode", "server", "listen", "interface", "routes", "forward", "keepalive",
              "peer_timeout", "peers", "log", "max_learned_peers", "max_addresses_per_endpoint",
              "wire", "private_key_file", "server_public_key", "preshared_key_file", "masquerade",
-             "table", "fwmark")
+             "table", "fwmark", "mss_clamp")
 _MODE_ONLY = {"server": "client", "listen": "server", "peers": "server", "peer_timeout": "server",
               "max_learned_peers": "server", "max_addresses_per_endpoint": "server",
               "server_public_key": "client", "preshared_key_file": "client",
@@ -109,6 +109,7 @@ class Profile:
     # client with 0.0.0.0/0 or ::/0 in routes (fulltunnel.py); None: derived from the TUN
     table: int | None = None
     fwmark: int | None = None
+    mss_clamp: bool = True  # lower the MSS of TCP SYNs crossing the tunnel to fit its MTU
 
     @property
     def name(self) -> str:
@@ -245,12 +246,13 @@ def load_profile(path: str | Path) -> Profile:
     log = c.mapping(got.get("log"), "log", _LOG_KEYS) or {}
     level = c.choice(log["level"], "log.level", LOG_LEVELS) if "level" in log else "info"
     packets = c.boolean(log["packets"], "log.packets") if "packets" in log else False
+    mss_clamp = c.boolean(got["mss_clamp"], "mss_clamp") if "mss_clamp" in got else True
 
     if c.problems:
         raise ProfileError(c.report(file), len(c.problems) + c.dropped)
     return Profile(Path(path), mode, server, listen, ifname, tuple(addresses), mtu, tuple(routes),
                    forward, peers, keepalive, peer_timeout, level, packets, **limits, wire=wire,
-                   **keys, **policy)
+                   **keys, **policy, mss_clamp=mss_clamp)
 
 
 def _plain_says(got: dict) -> str:

@@ -174,6 +174,7 @@ class Daemon:
         self._apply_logging(p)
         self._apply_learning(p)
         self._apply_addresses(p)
+        self._apply_mss(p)
         if p.mode == "client":
             self._start_resolving(time.monotonic())
 
@@ -415,6 +416,7 @@ class Daemon:
         self._apply_logging(new)
         self._apply_learning(new)
         self._apply_addresses(new)
+        self._apply_mss(new)
         if new.mode == "client":  # even the same name: it may point elsewhere, our source too
             self._start_resolving(time.monotonic())
         log.info("reloaded %s", new.path)
@@ -564,6 +566,10 @@ class Daemon:
         # them (plain only: WireGuard proves who sends)
         self.core.set_addresses(profile.addresses if profile.mode == "client"
                                 and profile.wire == "plain" else ())
+
+    def _apply_mss(self, profile: Profile) -> None:
+        # SYNs crossing the tunnel get an MSS that fits the TUN's MTU (mss.py)
+        self.core.set_mss_clamp(profile.mtu if profile.mss_clamp else None)
 
     # -- timers -----------------------------------------------------------------------------
 
@@ -780,7 +786,8 @@ class Daemon:
                 f"{c.tx_bytes} B, dropped {dropped}" + (f" ({drops})" if drops else "")
                 + (f", keepalives {c.keepalives}" if c.keepalives else "")
                 + (f", challenges {c.challenges}" if c.challenges else "")
-                + (f", staged {c.staged}" if c.staged else ""))
+                + (f", staged {c.staged}" if c.staged else "")
+                + (f", mss_clamped {c.mss_clamped}" if c.mss_clamped else ""))
         if self.device is not None and self.core is not None:
             text += f"; {self._handshakes(time.monotonic())}"
         return text.encode("ascii", "replace").decode()
