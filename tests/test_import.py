@@ -218,8 +218,9 @@ def test_one_peer_without_endpoint_is_a_server(tmp_path, capsys, sides):
 
 
 def test_what_a_client_cannot_carry_is_said_and_the_rest_imported(tmp_path, capsys, sides):
-    """A full tunnel (AllowedIPs 0.0.0.0/0, ::/0) and a route holding the endpoint; a host name
-    endpoint (the client resolves it); host bits masked as WireGuard masks them; MTU; off."""
+    """A full tunnel (AllowedIPs 0.0.0.0/0, ::/0) with wg-quick's Table and FwMark, a route
+    holding the endpoint; a host name endpoint (the client resolves it); host bits masked as
+    WireGuard masks them; MTU; off."""
     client, server, _ = sides
     text = f"""\
 [Interface]
@@ -241,25 +242,25 @@ PersistentKeepalive = off
     assert code == 0, stderr
     profile = load_profile(tmp_path / "mullvad-se4.yaml")
     assert profile.server == ("vpn.example.net", 51820) and profile.mtu == 1380
-    assert [str(r) for r in profile.routes] == ["203.0.113.0/24", "10.20.0.0/16"]
+    assert [str(r) for r in profile.routes] == ["0.0.0.0/0", "::/0", "203.0.113.0/24",
+                                                "10.20.0.0/16"]
+    assert (profile.table, profile.fwmark) == (51820, 0x1234)   # the full tunnel's own
     assert profile.keepalive == 0  # off, as in the file (a client profile's default is 25)
     lines = stderr.splitlines()
-    for line, what in ((5, "Table = 51820: routes go to the main table"),
-                       (6, "FwMark = 0x1234: tunvpnd does not mark its datagrams"),
-                       (7, "PreUp: tunvpnd runs no commands"),
+    for line, what in ((7, "PreUp: tunvpnd runs no commands"),
                        (8, "PreDown: tunvpnd runs no commands")):
         assert f"{conf}:{line}: not imported: {what}" in lines
     assert f"{conf}:11: note: AllowedIPs 10.20.30.40/16 has host bits set: imported as " \
            "10.20.0.0/16, as WireGuard masks it" in lines
-    full = [line for line in lines if "full tunnel" in line]
-    assert len(full) == 2 and all(line.startswith(f"{conf}:11: not imported: the route for "
-                                                  "AllowedIPs") for line in full)
+    assert not [line for line in lines if "Table" in line or "FwMark" in line]
     assert check(tmp_path / "mullvad-se4.yaml").returncode == 0
 
     text = text.replace("vpn.example.net", "203.0.113.9")  # now the route would hold it
-    code, _, stderr = run_import(capsys, write(tmp_path, "wg3", text), tmp_path)
+    # (another directory: two profiles side by side may not share a table and mark)
+    code, _, stderr = run_import(capsys, write(tmp_path, "wg3", text), tmp_path / "other")
     assert code == 0, stderr
-    assert [str(r) for r in load_profile(tmp_path / "wg3.yaml").routes] == ["10.20.0.0/16"]
+    assert [str(r) for r in load_profile(tmp_path / "other" / "wg3.yaml").routes] == [
+        "0.0.0.0/0", "::/0", "10.20.0.0/16"]
     assert "AllowedIPs 203.0.113.0/24: it holds the endpoint 203.0.113.9" in stderr
 
 
@@ -508,3 +509,16 @@ def test_an_imported_server_runs_against_wireguard_go_set_up_from_the_clients_fi
     assert "dropped 0" in status and "lab-box-2 down" in status, status
     for secret in secrets(client, server, third):
         assert secret not in daemon.log()
+
+
+def test_table_and_fwmark_without_a_full_tunnel_are_said_not_imported(tmp_path, capsys, sides):
+    client, server, _ = sides
+    text = client_conf(client, server).replace("[Peer]", "Table = 1234\nFwMark = 0x99\n[Peer]")
+    conf = write(tmp_path, "wg7", text)
+    code, _, stderr = run_import(capsys, conf, tmp_path)
+    assert code == 0, stderr
+    profile = load_profile(tmp_path / "wg7.yaml")
+    assert (profile.table, profile.fwmark) == (None, None)
+    assert "not imported: Table = 1234: tunvpnd uses its own table and mark only for a full " \
+           "tunnel" in stderr
+    assert "not imported: FwMark = 153: tunvpnd uses" in stderr

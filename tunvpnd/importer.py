@@ -6,7 +6,8 @@ matter, Address and AllowedIPs may be repeated (they append), any other repeated
 last value, and a line or key they would refuse is refused here too, as `FILE:LINE: what`
 (exit 78). One [Peer] with an Endpoint makes a client profile, anything else a server.
 
-What has no tunvpnd equivalent (DNS, PostUp, Table, FwMark, SaveConfig, ...) is listed on
+What has no tunvpnd equivalent (DNS, PostUp, SaveConfig, Table/FwMark but on a full-tunnel
+client, ...) is listed on
 stderr, each as `FILE:LINE: not imported: ...`, never dropped silently. The private and
 preshared keys go into key files of mode 0600 beside the profile (keys.write_key_file); no
 message, and not the profile, ever holds one. The whole result is checked with load_profile,
@@ -91,6 +92,9 @@ class WgConfig:
     listen_port: tuple[int, int] | None = None  # port, line
     mtu: tuple[int, int] | None = None
     table: str | None = None
+    # Table = N / FwMark = M, (value, line): a client's full tunnel takes them as its
+    # `table:`/`fwmark:`; anything else cannot use them
+    numbered: dict[str, tuple[int, int]] = field(default_factory=dict)
     peers: list[WgPeer] = field(default_factory=list)
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (line, "not imported: ...")
 
@@ -208,6 +212,13 @@ def _interface_key(config: WgConfig, lower: str, shown: str, value: str, number:
                 config.skipped.append((number, "note: Table = off: no routes for the AllowedIPs, "
                                        "as wg-quick would add none"))
                 return
+        if lower in ("table", "fwmark"):
+            wanted = _number(value, 1, 2**32 - 1, hex_too=True)
+            if wanted is not None:
+                config.numbered[lower] = (wanted, number)
+                return
+            if lower == "fwmark" and value.lower() in ("off", "0"):
+                return
         text = shown if lower in _COMMANDS or _KEYLIKE.search(value) else f"{shown} = {value}"
         config.skipped.append((number, f"not imported: {text}: {_NOT_IMPORTED[lower]}"))
     else:
@@ -249,10 +260,15 @@ def _peer_key(config: WgConfig, peer: WgPeer, lower: str, shown: str, value: str
         fail(number, f"{shown}: not a key of [Peer] (wg refuses it too)")
 
 
-def _number(text: str, low: int, high: int) -> int | None:
-    if not re.fullmatch(r"[0-9]{1,6}", text) or not low <= int(text) <= high:
+def _number(text: str, low: int, high: int, hex_too: bool = False) -> int | None:
+    """A decimal number (0x hex too where wg takes it: FwMark) within low..high, else None."""
+    if hex_too and re.fullmatch(r"0[xX][0-9a-fA-F]{1,8}", text):
+        value = int(text, 16)
+    elif re.fullmatch(r"[0-9]{1,10}", text):
+        value = int(text)
+    else:
         return None
-    return int(text)
+    return value if low <= value <= high else None
 
 
 def _endpoint(text: str) -> tuple[str, int] | None:
@@ -357,8 +373,16 @@ def build_profile(config: WgConfig, name: str, ifname: str, file: str) -> Import
         lines.append(f"  mtu: {config.mtu[0]}")
     if client:
         pinned = [peer.endpoint]
-        routes = _routes(peer.allowed_ips, nets, pinned, config, file, notes)
+        routes = _routes(peer.allowed_ips, nets, pinned, config, file, notes, client=True)
         lines.append("routes: " + _flow(map(str, routes)))
+        full = any(route.prefixlen == 0 for route in routes)
+        for key, (value, line) in sorted(config.numbered.items()):
+            if full:    # wg-quick's policy routing for a default route: tunvpnd's own
+                lines.append(f"{key}: {value}")
+            else:
+                shown = {"table": "Table", "fwmark": "FwMark"}[key]
+                notes.append(f"{file}:{line}: not imported: {shown} = {value}: "
+                             "tunvpnd uses its own table and mark only for a full tunnel")
         lines.append(f"keepalive: {min(peer.keepalive, MAX_KEEPALIVE)}  # "
                      + ("PersistentKeepalive" if peer.keepalive else "off, as in " + file))
         _keepalive_limit(peer, file, notes)
@@ -381,9 +405,10 @@ def _keepalive_limit(peer: WgPeer, file: str, notes: list[str]) -> None:
 
 def _routes(allowed: Iterable[tuple[IPNetwork, int]], nets: list[IPNetwork],
             pinned: list[tuple[str, int, int]], config: WgConfig, file: str,
-            notes: list[str]) -> list[IPNetwork]:
+            notes: list[str], client: bool = False) -> list[IPNetwork]:
     """AllowedIPs -> routes, as wg-quick adds them: without those in the tunnel's own networks
-    (its addresses route them), without a full tunnel (not carried yet), once each."""
+    (its addresses route them), a default route only on a client (a full tunnel, with policy
+    routing), once each."""
     routes: list[IPNetwork] = []
     for net, line in allowed:
         if config.table == "off":
@@ -391,9 +416,13 @@ def _routes(allowed: Iterable[tuple[IPNetwork, int]], nets: list[IPNetwork],
         if any(net.version == own.version and net.subnet_of(own) for own in nets):
             continue
         if net.prefixlen == 0:
+            if client:      # the daemon's fwmark keeps the tunnel's own datagrams out of it
+                if net not in routes:
+                    routes.append(net)
+                continue
             notes.append(f"{file}:{line}: not imported: the route for AllowedIPs {net}: "
-                         "tunvpnd does not carry a full tunnel (a default route) yet; only "
-                         "the other AllowedIPs are routed through it")
+                         "a server routes no full tunnel; only the other AllowedIPs are "
+                         "routed through it")
             continue
         held = [h for h, _, _ in pinned if _literal(h) and covering_route([net], h)]
         if held:
