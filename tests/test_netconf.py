@@ -218,6 +218,7 @@ def test_setup_interface_sets_mtu_exact_addresses_and_up(make_ns, tmp_path):
             assert nc.setup_interface(name, ["10.9.0.1/24", "fd00:9::1/64"], 1400) == idx
             link = ipr.get_links(idx)[0]
             assert link.get_attr("IFLA_MTU") == 1400 and link["flags"] & IFF_UP
+            assert not link["flags"] & 0x1000  # IFF_MULTICAST: no MLD reports to drop
             got = addresses(ipr, idx)
             assert set(got) == {"10.9.0.1/24", "fd00:9::1/64"}
             assert got["fd00:9::1/64"] & IFA_F_NODAD

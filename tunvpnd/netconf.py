@@ -36,6 +36,7 @@ RTN_NAMES = {2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "black
 RTPROT_NAMES = {1: "redirect", 2: "kernel", 3: "boot", 4: "static", 9: "ra", 16: "dhcp"}
 RT_SCOPE_LINK = 253  # what `ip route add NET dev X` uses for an IPv4 route without gateway
 IFF_LOOPBACK = 0x8
+IFF_MULTICAST = 0x1000
 IFA_F_NODAD = 0x02  # a point-to-point TUN has no neighbours: skip DAD, usable at once
 IFLA_AF_SPEC = 26
 IFLA_INET_CONF = 1
@@ -280,6 +281,11 @@ class NetConfig:
         self._do(f"switch off IPv6 link-local on {ifname}", self._ipr.link, "set", index=idx,
                  IFLA_AF_SPEC={"attrs": [("AF_INET6", {"attrs": [
                      ("IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE)]})]})
+        # Nor multicast, as a WireGuard interface has none: the MLD reports the kernel sends
+        # on joining a group would only reach the core to be dropped as no_peer (a router's
+        # kernel still sends two when the link comes up).
+        self._do(f"switch off multicast on {ifname}", self._ipr.link, "set", index=idx,
+                 flags=0, change=IFF_MULTICAST)
         self._do(f"bring {ifname} up", self._ipr.link, "set", index=idx, state="up")
         return idx
 
