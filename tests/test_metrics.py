@@ -340,6 +340,12 @@ def test_http_answers():
     assert answer.startswith(b"HTTP/1.1 405 ") and b"Allow: GET, HEAD\r\n" in answer
     assert endpoint(bytearray(b"\x16\x03\x01 hello\r\n\r\n"))[0].startswith(b"HTTP/1.1 400 ")
 
+    def broken() -> dict:
+        raise KeyError("a bug")
+
+    failing = Endpoint(broken)  # answered with 500 and logged, never raised into the loop
+    assert failing(bytearray(b"GET /metrics HTTP/1.1\r\n\r\n"))[0].startswith(b"HTTP/1.1 500 ")
+
 
 @pytest.mark.parametrize("text, problem", [
     ("metrics: 9586", "metrics: must be an address and TCP port like 127.0.0.1:9586"),

@@ -25,6 +25,7 @@ most once per RENDER_INTERVAL however many scrapers ask.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -35,6 +36,8 @@ try:
     from prometheus_client import CONTENT_TYPE_LATEST
 except ImportError:  # older releases keep it in exposition only
     from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger("tunvpnd")
 
 REQUEST_LIMIT = 8192  # bytes of request head; a longer one is not answered
 RENDER_INTERVAL = 1.0  # seconds: scrapes within this share one rendering
@@ -138,11 +141,16 @@ class Endpoint:
         if method not in (b"GET", b"HEAD"):
             return _response(405, b"only GET and HEAD\n", extra=b"Allow: GET, HEAD\r\n"), \
                 len(inbox), True
-        return _response(200, self.render(), CONTENT_TYPE_LATEST, method == b"HEAD"), \
-            len(inbox), True
+        try:
+            body = self.render()
+        except Exception:  # noqa: BLE001 - a bug here must not stop the loop that calls us
+            log.exception("metrics: could not render")
+            return _response(500, b"internal error\n"), len(inbox), True
+        return _response(200, body, CONTENT_TYPE_LATEST, method == b"HEAD"), len(inbox), True
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            500: "Internal Server Error"}
 
 
 def _response(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
