@@ -143,10 +143,38 @@ class TunvpndDaemon:
         self.sock.close()
 
 
+METRICS = "+metrics"  # suffix of a tunvpnd config run with `metrics:` on and scraped
+METRICS_PORT = 9586
+SCRAPE_LIMIT = 3600  # scrapes of one daemon at most: an hour at one a second
+# One GET /metrics a second from inside a daemon's namespace, SCRAPE_LIMIT at most; prints
+# "OK FAILED" after each, so the log's last line counts them.
+SCRAPER = r"""
+import socket, sys, time
+port, limit = int(sys.argv[1]), int(sys.argv[2])
+ok = failed = 0
+for _ in range(limit):
+    started = time.monotonic()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+            data = b"".join(iter(lambda: sock.recv(65536), b""))
+        good = data.startswith(b"HTTP/1.1 200 ") and b"tunvpnd_up" in data
+    except OSError:
+        good = False
+    ok, failed = ok + good, failed + (not good)
+    print(ok, failed, flush=True)
+    time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+"""
+
+
 class Tunvpnd(Tunnel):
-    """Our daemons, as users run them: `python -m tunvpnd run PROFILE`."""
+    """Our daemons, as users run them: `python -m tunvpnd run PROFILE`. With `metrics`, both
+    profiles get `metrics: 127.0.0.1:9586` and each daemon is scraped once a second while it
+    is measured (bench/run.py --metrics: metrics on vs off)."""
 
     name = "tunvpnd"
+    metrics = False
+    scrapers: list[subprocess.Popen]
 
     def __init__(self, server_profile: Path = EXAMPLES / "server.yaml",
                  client_profile: Path = EXAMPLES / "client.yaml", source: Path = REPO,
@@ -159,6 +187,11 @@ class Tunvpnd(Tunnel):
         self.notify: dict[str, TunvpndDaemon] = {}
 
     def start(self, lab: Lab, workdir: Path) -> None:
+        if self.metrics:  # a copy in the run's directory (where the wg key files are too)
+            for role, profile in self.profiles.items():
+                copy = workdir / f"{profile.stem}-metrics.yaml"
+                copy.write_text(f"{profile.read_text()}\nmetrics: 127.0.0.1:{METRICS_PORT}\n")
+                self.profiles[role] = copy
         for role, profile in self.profiles.items():
             sock = workdir / f"{role}.notify"
             self.notify[role] = TunvpndDaemon(sock)
@@ -174,12 +207,37 @@ class Tunvpnd(Tunnel):
             return all("READY=1" in n.poll() for n in self.notify.values())
 
         wait_until(ready, START_TIMEOUT, 0.05, "tunvpnd READY=1")
+        self.scrapers = []
+        if self.metrics:  # not in self.procs: their CPU time is not the tunnel's
+            for role in self.profiles:
+                log = workdir / f"scrape-{role}.log"
+                self.logs.append(log)
+                with open(log, "ab") as out:
+                    self.scrapers.append(lab.spawn(
+                        role, [sys.executable, "-c", SCRAPER, str(METRICS_PORT),
+                               str(SCRAPE_LIMIT)], stdin=subprocess.DEVNULL, stdout=out,
+                        stderr=subprocess.STDOUT, cwd="/"))
+
+    def facts(self) -> dict[str, str]:
+        if not self.metrics:
+            return super().facts()
+        counts = []
+        for role in self.profiles:
+            last = tail(next(log for log in self.logs if log.name == f"scrape-{role}.log"), 1)
+            ok, _, failed = last.partition(" ")
+            counts.append(f"{role} {ok or 0} ok, {failed or 0} failed")
+        return {"metrics": f"scrapes of /metrics: {'; '.join(counts)}"}
 
     @property
     def server_pid(self) -> int:
         return self.procs[0].pid
 
     def stop(self) -> None:
+        for scraper in getattr(self, "scrapers", ()):
+            if scraper.poll() is None:
+                scraper.kill()
+            scraper.wait(timeout=5)
+        self.scrapers = []
         super().stop()
         for notify in self.notify.values():
             notify.close()
@@ -429,13 +487,23 @@ def baseline(checkout: Path) -> Tunvpnd:
     return Tunvpnd(examples / "server.yaml", examples / "client.yaml", checkout, BASELINE)
 
 
-def all_configs(baseline_checkout: Path | None = None) -> list[Tunnel]:
-    """A fresh instance of every configuration, in table order."""
+def with_metrics(tunnel: Tunvpnd) -> Tunvpnd:
+    """The same config with metrics on and scraped, named NAME+metrics."""
+    tunnel.metrics = True
+    tunnel.name += METRICS
+    return tunnel
+
+
+def all_configs(baseline_checkout: Path | None = None, metrics: bool = False) -> list[Tunnel]:
+    """A fresh instance of every configuration, in table order. `metrics`: tunvpnd+metrics
+    and tunvpnd-wireguard+metrics as well, each after the same config without."""
     before = [baseline(baseline_checkout)] if baseline_checkout else []
     before_wg = [TunvpndWireGuard(baseline_checkout, BASELINE_WG)] if baseline_checkout and \
         (baseline_checkout / "etc" / "tunvpn" / "wg-server.yaml").is_file() else []
-    return [Routing(), Tunvpnd(), *before, TunvpndWireGuard(), *before_wg, OpenVPN(),
-            OpenVPN(tuned=True), OpenVPNAES(), WireGuardGo(), PythonFloor()]
+    plain_on = [with_metrics(Tunvpnd())] if metrics else []
+    wg_on = [with_metrics(TunvpndWireGuard())] if metrics else []
+    return [Routing(), Tunvpnd(), *plain_on, *before, TunvpndWireGuard(), *wg_on, *before_wg,
+            OpenVPN(), OpenVPN(tuned=True), OpenVPNAES(), WireGuardGo(), PythonFloor()]
 
 
 CONFIG_NAMES = [c.name for c in all_configs()]

@@ -2,6 +2,7 @@
 plain routing, in lab network namespaces. See bench/README.md.
 
     /opt/tunvpnd/bin/python bench/run.py [--rounds 3] [--quick] [--only a,b] [--peers 1000]
+                                         [--metrics]
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ import traceback
 from pathlib import Path
 
 import report
-from configs import BASELINE, BASELINE_WG, CONFIG_NAMES, WIREGUARD, Tunnel, all_configs
+from configs import (
+    BASELINE,
+    BASELINE_WG,
+    CONFIG_NAMES,
+    METRICS,
+    WIREGUARD,
+    Tunnel,
+    all_configs,
+)
 from measure import Options, measure, wait_reachable
 from scale import measure_scale
 from wgscale import measure_scale_wireguard
@@ -49,6 +58,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also measure the tunvpnd of another checkout (e.g. `git worktree add "
                    "/tmp/base REV`) as tunvpnd-baseline (and tunvpnd-wireguard-baseline), and "
                    "print tunvpnd / tunvpnd-baseline (tunvpnd-wireguard / ...-baseline)")
+    p.add_argument("--metrics", action="store_true",
+                   help=f"also measure tunvpnd{METRICS} and {WIREGUARD}{METRICS}: the same "
+                   "daemons with `metrics: 127.0.0.1:9586` and a scrape of each every second "
+                   "(metrics on vs off)")
     p.add_argument("--json", type=Path, default=BENCH / "results" / "latest.json")
     p.add_argument("--png", type=Path, default=BENCH / "results" / "latest.png")
     args = p.parse_args(argv)
@@ -67,7 +80,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if WIREGUARD in args.only and BASELINE_WG not in args.only and \
                 (args.baseline / "etc" / "tunvpn" / "wg-server.yaml").is_file():
             args.only.append(BASELINE_WG)
-    unknown = set(args.only) - {*CONFIG_NAMES, *SCALES, BASELINE, BASELINE_WG}
+    if args.metrics:
+        args.only += [name + METRICS for name in ("tunvpnd", WIREGUARD)
+                      if name in args.only and name + METRICS not in args.only]
+    unknown = set(args.only) - {*CONFIG_NAMES, *SCALES, BASELINE, BASELINE_WG,
+                                *(f"{name}{METRICS}" for name in ("tunvpnd", WIREGUARD))}
     if unknown:
         p.error(f"unknown config(s) {', '.join(sorted(unknown))}")
     if args.peers == 0:
@@ -82,7 +99,7 @@ def say(msg: str) -> None:
 
 
 def run_one(name: str, prefix: str, opts: Options, peers: int,
-            baseline: Path | None = None) -> dict:
+            baseline: Path | None = None, metrics: bool = False) -> dict:
     """One measurement of one config (or the scale test) in a fresh lab, always torn down."""
     lab = Lab(prefix, extra_clients=1 if name in SCALES else 0)
     workdir = Path(tempfile.mkdtemp(prefix="tvb"))      # short: AF_UNIX paths are limited
@@ -93,7 +110,7 @@ def run_one(name: str, prefix: str, opts: Options, peers: int,
             return measure_scale(lab, workdir, peers, opts)
         if name == SCALE_WG:
             return measure_scale_wireguard(lab, workdir, peers, opts)
-        tunnel = next(c for c in all_configs(baseline) if c.name == name)
+        tunnel = next(c for c in all_configs(baseline, metrics) if c.name == name)
         tunnel.start(lab, workdir)
         wait_reachable(lab)
         result = measure(lab, tunnel.pids(), opts)
@@ -159,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 
     skipped: dict[str, str] = {}
     order: list[str] = []
-    for tunnel in all_configs(args.baseline):
+    metrics = any(name.endswith(METRICS) for name in args.only)
+    for tunnel in all_configs(args.baseline, metrics):
         if tunnel.name in args.only:
             reason = tunnel.missing()
             if reason:
@@ -178,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.monotonic()
                 say(f"round {r + 1}/{args.rounds}: {name} ...")
                 try:
-                    result = run_one(name, prefix, opts, args.peers, args.baseline)
+                    result = run_one(name, prefix, opts, args.peers, args.baseline, metrics)
                 except Exception as e:
                     errors.append(f"round {r + 1} {name}: {e}")
                     say(f"  FAILED: {e}")
@@ -214,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         "ratios_wireguard": report.ratios(summary, WIREGUARD,
                                           (*report.SECURE_RATIO_BASES, BASELINE_WG)),
     }
+    for name in ("tunvpnd", WIREGUARD):  # --metrics: on / off, each wire
+        found = report.ratios(summary, name + METRICS, (name,))
+        if found:
+            results.setdefault("ratios_metrics", {})[name + METRICS] = found
     if SCALE in rounds and rounds[SCALE]:
         results["scale"] = {"peers": args.peers, "rounds": rounds[SCALE],
                             "summary": report.scale_summary(rounds[SCALE])}
@@ -232,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     if results["ratios_wireguard"]:
         say("")
         say(report.ratio_table(results["ratios_wireguard"], WIREGUARD))
+    for name, found in results.get("ratios_metrics", {}).items():
+        say("")
+        say(report.ratio_table(found, name))
     if "scale" in results:
         say("")
         say(report.scale_table(results["scale"]))

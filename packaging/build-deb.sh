@@ -30,7 +30,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 out=${TUNVPN_DEB_OUT:-$repo/dist}
 
 build_deps="build-essential dpkg-dev debhelper dh-python python3-all python3-setuptools pybuild-plugin-pyproject
-            python3-yaml python3-pyroute2 python3-sdnotify python3-cryptography python3-nacl"
+            python3-yaml python3-pyroute2 python3-sdnotify python3-cryptography python3-nacl
+            python3-prometheus-client"
 [ "$lint" = 1 ] && build_deps="$build_deps lintian"
 missing=""
 for p in $build_deps; do

@@ -137,7 +137,8 @@ def test_deb_control_fields(deb):
     depends = [d.strip() for d in field("Depends").split(",")]
     names = [d.split()[0] for d in depends]  # dh_python3 may add "(>= 38)" from pyproject
     for name in ("python3-pyroute2", "python3-sdnotify", "python3-yaml",
-                 "python3-cryptography", "python3-nacl"):  # the last two: wire: wireguard
+                 "python3-cryptography", "python3-nacl",  # these two: wire: wireguard
+                 "python3-prometheus-client"):  # metrics:
         assert name in names, depends
     assert any(d.startswith("python3:any") or d.startswith("python3 ") for d in depends), depends
     info = subprocess.run(["dpkg-deb", "-I", str(deb), "conffiles"], capture_output=True,

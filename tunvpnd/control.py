@@ -1,5 +1,6 @@
-"""Non-blocking Unix stream sockets served from the forwarding loop: the control socket
-(RUN_DIR/NAME.sock, `tunvpnd show`) and the WireGuard UAPI (/run/wireguard/IFNAME.sock).
+"""Non-blocking stream sockets served from the forwarding loop: the control socket
+(RUN_DIR/NAME.sock, `tunvpnd show`), the WireGuard UAPI (/run/wireguard/IFNAME.sock), and the
+Prometheus endpoint (TCP, profile key `metrics:`, tunvpnd.metrics).
 
 Everything lives behind one epoll descriptor of its own (`fileno()`), which the forwarding
 loop watches beside the TUN and the UDP socket: the loop pays nothing per packet, and a wake-up
@@ -11,8 +12,9 @@ hostile one cannot stall forwarding or grow memory:
 - a request larger than the protocol's limit closes the connection;
 - every connection is closed DEADLINE seconds after it was accepted, answered or not
   (`tick()`, from the service's timer).
-Only root and our own user may talk to us: the socket is mode 0600, and SO_PEERCRED is checked
-on accept in case the directory lets someone else reach it.
+Only root and our own user may talk to us on a Unix socket: it is mode 0600, and SO_PEERCRED
+is checked on accept in case the directory lets someone else reach it. The TCP listener takes
+anyone who reaches its address (metrics are no secret; the default address is loopback).
 """
 
 from __future__ import annotations
@@ -60,12 +62,14 @@ class _Connection:
 
 
 class _Listener:
-    def __init__(self, sock: socket.socket, path: Path, handler: Handler, limit: int) -> None:
+    def __init__(self, sock: socket.socket, path: Path | None, handler: Handler,
+                 limit: int) -> None:
         self.sock = sock
-        self.path = path
+        self.path = path  # None: a TCP listener (no file, no SO_PEERCRED)
         self.handler = handler
         self.limit = limit  # the largest request: more unanswered bytes close the connection
-        self.ino = os.stat(path).st_ino  # ours to unlink only while it is still this socket
+        # ours to unlink only while it is still this socket
+        self.ino = os.stat(path).st_ino if path is not None else 0
         self.connections: dict[int, _Connection] = {}  # in order of acceptance
 
 
@@ -102,8 +106,43 @@ class Servers:
         self._listeners[sock.fileno()] = listener
         self._epoll.register(sock.fileno(), select.EPOLLIN)
 
+    def listen_tcp(self, address: tuple[str, int], handler: Handler,
+                   limit: int = READ_SIZE) -> int:
+        """Serve `handler` on TCP `address` (an IPv4 or IPv6 literal, a port). Returns a handle
+        for unlisten(); OSError (EADDRINUSE, EADDRNOTAVAIL, ...) when it cannot bind."""
+        host, port = address
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0,
+                                                       socket.AI_NUMERICHOST)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                             | socket.SOCK_CLOEXEC)
+        try:
+            # a reload or restart may bind again while old connections sit in TIME_WAIT
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.listen(64)
+        except BaseException:
+            sock.close()
+            raise
+        self._listeners[sock.fileno()] = _Listener(sock, None, handler, limit)
+        self._epoll.register(sock.fileno(), select.EPOLLIN)
+        return sock.fileno()
+
+    def unlisten(self, handle: int) -> None:
+        """Stop the TCP listener `handle` (from listen_tcp) and close its connections."""
+        listener = self._listeners.pop(handle, None)
+        if listener is None:
+            return
+        for connection in list(listener.connections.values()):
+            self._close(connection)
+        try:
+            self._epoll.unregister(handle)
+        except (OSError, ValueError):
+            pass
+        listener.sock.close()
+
     def paths(self) -> list[Path]:
-        return [listener.path for listener in self._listeners.values()]
+        return [listener.path for listener in self._listeners.values()
+                if listener.path is not None]
 
     def on_ready(self) -> None:
         """The loop saw our epoll readable: serve what is ready, a bounded amount of it."""
@@ -131,7 +170,7 @@ class Servers:
             self._close(connection)
         for listener in self._listeners.values():
             try:
-                if os.stat(listener.path).st_ino == listener.ino:
+                if listener.path is not None and os.stat(listener.path).st_ino == listener.ino:
                     os.unlink(listener.path)
             except OSError:
                 pass
@@ -149,15 +188,16 @@ class Servers:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:  # EMFILE and the like: try again at the next wake-up
-                log.warning("control socket %s: accept failed: %s", listener.path,
-                            error.strerror)
+                log.warning("control socket %s: accept failed: %s",
+                            listener.path or listener.sock.getsockname(), error.strerror)
                 return
             sock.setblocking(False)
-            _, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                      _UCRED.size))
-            if uid not in (0, own):
-                sock.close()
-                continue
+            if listener.path is not None:
+                _, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET,
+                                                          socket.SO_PEERCRED, _UCRED.size))
+                if uid not in (0, own):
+                    sock.close()
+                    continue
             if len(listener.connections) >= MAX_CONNECTIONS:
                 self._close(next(iter(listener.connections.values())))
             connection = _Connection(sock, listener, time.monotonic() + DEADLINE)

@@ -49,7 +49,7 @@ WIRES = ("plain", "wireguard")
 _TOP_KEYS = ("mode", "server", "listen", "interface", "routes", "forward", "keepalive",
              "peer_timeout", "peers", "log", "max_learned_peers", "max_addresses_per_endpoint",
              "wire", "private_key_file", "server_public_key", "preshared_key_file", "masquerade",
-             "table", "fwmark", "mss_clamp")
+             "table", "fwmark", "mss_clamp", "metrics")
 _MODE_ONLY = {"server": "client", "listen": "server", "peers": "server", "peer_timeout": "server",
               "max_learned_peers": "server", "max_addresses_per_endpoint": "server",
               "server_public_key": "client", "preshared_key_file": "client",
@@ -110,6 +110,8 @@ class Profile:
     table: int | None = None
     fwmark: int | None = None
     mss_clamp: bool = True  # lower the MSS of TCP SYNs crossing the tunnel to fit its MTU
+    # Prometheus endpoint (tunvpnd.metrics): (IP literal, TCP port), None = off
+    metrics: tuple[str, int] | None = None
 
     @property
     def name(self) -> str:
@@ -243,6 +245,7 @@ def load_profile(path: str | Path) -> Profile:
             limits[key] = c.integer(got[key], key, 1, high)
     if "masquerade" in got and mode == "server":
         limits["masquerade"] = c.masquerade(got["masquerade"], ifname)
+    metrics = c.metrics(got["metrics"]) if "metrics" in got else None
     log = c.mapping(got.get("log"), "log", _LOG_KEYS) or {}
     level = c.choice(log["level"], "log.level", LOG_LEVELS) if "level" in log else "info"
     packets = c.boolean(log["packets"], "log.packets") if "packets" in log else False
@@ -252,7 +255,7 @@ def load_profile(path: str | Path) -> Profile:
         raise ProfileError(c.report(file), len(c.problems) + c.dropped)
     return Profile(Path(path), mode, server, listen, ifname, tuple(addresses), mtu, tuple(routes),
                    forward, peers, keepalive, peer_timeout, level, packets, **limits, wire=wire,
-                   **keys, **policy, mss_clamp=mss_clamp)
+                   **keys, **policy, mss_clamp=mss_clamp, metrics=metrics)
 
 
 def _plain_says(got: dict) -> str:
@@ -614,6 +617,17 @@ class _Checker:
         if not node.value:
             self.fail(node, "masquerade", "must not be empty (false turns masquerade off)")
         return tuple(found)
+
+    def metrics(self, node: Node) -> tuple[str, int] | None:
+        """ADDRESS:PORT or [V6]:PORT to serve /metrics on (a bare address: port 9586);
+        null or false: off."""
+        value = self.scalar(node)
+        if node.tag == _NULL or value is False:
+            return None
+        if not isinstance(value, str):
+            return self.fail(node, "metrics", "must be an address and TCP port like "
+                             f"127.0.0.1:9586 or [::1]:9586, or false, got {_show(node)}")
+        return self.hostport(node, "metrics", False, 9586, wildcard=True)
 
     def hostport(self, node: Node, path: str, names: bool, default: int | None,
                  wildcard: bool = False) -> Any:

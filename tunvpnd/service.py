@@ -73,6 +73,7 @@ class Daemon:
         self.core: Core | None = None
         self.device = None  # wire: wireguard: the tunvpnd.wireguard.device.Device
         self.servers = None  # control.Servers: the control socket and the WireGuard UAPI
+        self._metrics: tuple | None = None  # (address, handle) of the /metrics listener
         self.nat = None  # server with masquerade: the tunvpnd.nat.Masquerade
         self._next_nat_check = 0.0
         self._resolving: threading.Thread | None = None
@@ -187,6 +188,7 @@ class Daemon:
             log.info("wireguard: public key %s, %d peers", self._encode(self.device.public_key),
                      len(self.device.peers))
         self._serve()
+        self._apply_metrics(p)
         self._stop_point()
         self.notify("READY=1", f"STATUS={self.status()}")
 
@@ -299,6 +301,34 @@ class Daemon:
                                                     hint), uapi.SET_LIMIT)
         except OSError as error:  # control.SocketBusy: another live process holds the path
             log.warning("no WireGuard UAPI socket (wg will not see us): %s", error)
+
+    def _apply_metrics(self, profile: Profile) -> None:
+        """Serve /metrics where the profile says (start, reload): a changed address closes
+        the old port, then opens the new one; none closes it. A bind that fails is logged and
+        the tunnel runs on without metrics (a reload tries again)."""
+        wanted = profile.metrics
+        if self._metrics is not None:
+            if self._metrics[0] == wanted:
+                return
+            self.servers.unlisten(self._metrics[1])
+            log.info("metrics: stopped serving on %s", transport.format_endpoint(
+                self._metrics[0]))
+            self._metrics = None
+        if wanted is None or self.servers is None:
+            return
+        from . import metrics
+        from .core import DROP_REASONS
+
+        where = transport.format_endpoint(wanted)
+        reasons = [*DROP_REASONS, *(self.device.drops if self.device is not None else ())]
+        try:
+            handle = self.servers.listen_tcp(wanted, metrics.Endpoint(self.snapshot, reasons),
+                                             metrics.REQUEST_LIMIT)
+        except OSError as error:
+            log.error("metrics: cannot serve on %s: %s", where, error.strerror or error)
+            return
+        self._metrics = (wanted, handle)
+        log.info("metrics: serving http://%s%s", where, metrics.PATH)
 
     def snapshot(self) -> dict:
         """What `tunvpnd show` shows (status.snapshot), never a private or preshared key."""
@@ -413,6 +443,7 @@ class Daemon:
                 self._wireguard_peers(old):  # a client's server key, psk or keepalive
             self._attach_sessions(new, self.core.peers)
         self.profile = new
+        self._apply_metrics(new)
         self._apply_logging(new)
         self._apply_learning(new)
         self._apply_addresses(new)
