@@ -591,3 +591,106 @@ def test_wg_link_never_takes_a_name_another_program_answers_on(box, tmp_path):
         assert lstat(box, "/run/wireguard/tun0.sock")[:2] == ["socket", "root"]
     finally:
         in_netns(box, "lab-hostv", "ip", "link", "del", "tun0", check=False)
+
+
+# -- tunvpnd wg-link alone (what the unit runs as root), on a private /run/wireguard -----------
+
+@pytest.fixture
+def linkdirs(tmp_path, monkeypatch):
+    """A run directory with instance `server`'s control socket (answering `ifname`) and UAPI
+    socket, and an empty stand-in for /run/wireguard."""
+    import socket
+    import threading
+
+    from tunvpnd import uapi
+
+    run, wgdir = tmp_path / "run", tmp_path / "wireguard"
+    run.mkdir()
+    monkeypatch.setattr(uapi, "SOCKET_DIR", wgdir)
+    answer = {"ifname": "tun0"}
+    control = socket.socket(socket.AF_UNIX)
+    control.bind(str(run / "server.sock"))
+    control.listen()
+    uapi_sock = socket.socket(socket.AF_UNIX)
+    uapi_sock.bind(str(run / "server.uapi"))
+    uapi_sock.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = control.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(64)
+                conn.sendall(json.dumps(answer).encode())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield run, wgdir, answer
+    control.shutdown(socket.SHUT_RDWR)
+    control.close()
+    uapi_sock.close()
+    thread.join(5)
+
+
+def test_wg_link_links_once_and_removes_only_its_own(linkdirs):
+    from tunvpnd import wglink
+
+    run, wgdir, _ = linkdirs
+    assert wglink.link(run, "server") == f"{wgdir}/tun0.sock -> {run}/server.uapi"
+    assert (wgdir.stat().st_mode & 0o777) == 0o755
+    assert wglink.link(run, "server").endswith("already")
+    (wgdir / "other.sock").symlink_to(run / "client.uapi")  # another instance's
+    assert wglink.unlink(run, "server") == [f"{wgdir}/tun0.sock"]
+    assert sorted(p.name for p in wgdir.iterdir()) == ["other.sock"]
+    assert wglink.unlink(run, "server") == []
+
+
+def test_wg_link_replaces_a_dangling_link_but_never_a_live_socket(linkdirs):
+    import socket
+
+    from tunvpnd import wglink
+
+    run, wgdir, _ = linkdirs
+    wgdir.mkdir()
+    (wgdir / "tun0.sock").symlink_to(run / "gone.uapi")
+    assert wglink.link(run, "server").endswith(f"-> {run}/server.uapi")
+    (wgdir / "tun0.sock").unlink()
+    with socket.socket(socket.AF_UNIX) as live:  # wireguard-go's tun0, say
+        live.bind(str(wgdir / "tun0.sock"))
+        live.listen()
+        with pytest.raises(OSError, match="in use by another process: left as is"):
+            wglink.link(run, "server")
+        assert (wgdir / "tun0.sock").is_socket() and not (wgdir / "tun0.sock").is_symlink()
+
+
+@pytest.mark.parametrize("ifname", ["../etc/x", "a b", "x" * 16, "..", "", 7])
+def test_wg_link_refuses_a_name_that_is_no_interface(linkdirs, ifname):
+    from tunvpnd import wglink
+
+    run, wgdir, answer = linkdirs
+    answer["ifname"] = ifname
+    with pytest.raises(OSError, match="not an interface name"):
+        wglink.link(run, "server")
+    assert not wgdir.exists() or list(wgdir.iterdir()) == []
+
+
+def test_wg_link_refuses_a_directory_others_can_write(linkdirs):
+    from tunvpnd import wglink
+
+    run, wgdir, _ = linkdirs
+    wgdir.mkdir()
+    wgdir.chmod(0o777)
+    with pytest.raises(OSError, match="not a directory that only root can write"):
+        wglink.link(run, "server")
+    assert list(wgdir.iterdir()) == []
+
+
+def test_wg_link_without_a_uapi_socket_does_nothing(linkdirs):
+    from tunvpnd import wglink
+
+    run, wgdir, _ = linkdirs
+    (run / "server.uapi").unlink()
+    assert wglink.link(run, "server").startswith("no ")
+    assert not wgdir.exists()
