@@ -477,3 +477,220 @@ def test_reload_adds_a_wireguard_peer_and_keeps_the_other_session(box, tmp_path)
     assert show(box, "tunvpnd@server", "MainPID") == pid
     assert "dropped 0" in status, status
     assert any("reloaded" in m for m in messages(box, "tunvpnd@server"))
+
+
+# -- `tunvpnd show` and `wg` on running wireguard units -----------------------------------------
+
+CLIENT_IF = "wgc0"  # /run/wireguard is one directory for every namespace: names must differ
+
+
+def install_wireguard_pair(box: SystemdBox, keys: Keys) -> None:
+    install_wireguard(box, keys)
+    box.write_file("/etc/tunvpn/client.yaml", client_text(keys).replace(
+        "shared.psk", "client.psk").replace("name: tun0", f"name: {CLIENT_IF}"))
+
+
+def tunvpnd(box: SystemdBox, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`tunvpnd ...` as root in the box, as an operator types it."""
+    return box.run(["tunvpnd", *argv], check=check)
+
+
+def wg(box: SystemdBox, *argv: str) -> str:
+    return box.run(["wg", *argv]).stdout
+
+
+def lstat(box: SystemdBox, path: str) -> list[str]:
+    """File type, owner, mode, and where a symlink leads ('' for anything else)."""
+    out = box.run(["stat", "-c", "%F|%U|%a|%N", path]).stdout.strip().split("|")
+    target = out[3].split(" -> ")[1].strip("'") if " -> " in out[3] else ""
+    return [out[0], out[1], out[2], target]
+
+
+def test_tunvpnd_show_and_wg_show_answer_for_running_wireguard_units(box, tmp_path):
+    """Two wireguard instances under the shipped unit (hardening unchanged): root's `tunvpnd
+    show NAME` (--json, --check) and the unmodified `wg` see both; stopping removes it all."""
+    keys = Keys(tmp_path)
+    install_wireguard_pair(box, keys)
+    start_wireguard(box, "client")
+    wait_status(box, "tunvpnd@server", lambda s: handshake_age(s, "hostu") >= 0)
+
+    text = tunvpnd(box, "show", "server").stdout
+    assert "instance: server (tun0, wire wireguard, pid " in text, text
+    assert f"public key: {wgkeys.encode_key(keys.server_pub)}" in text
+    assert "peer: hostu" in text and "latest handshake: " in text
+    doc = json.loads(tunvpnd(box, "show", "server", "--json").stdout)
+    peer = doc["peers"][0]
+    assert peer["public_key"] == wgkeys.encode_key(keys.client_pub)
+    assert peer["latest_handshake"] and peer["rx_bytes"] > 0
+    assert tunvpnd(box, "show", "server", "--check", check=False).returncode == 0
+    assert tunvpnd(box, "show", "client", "--check", check=False).returncode == 0
+    assert tunvpnd(box, "show", "nosuch", "--check", check=False).returncode == 3
+    everything = tunvpnd(box, "show").stdout
+    assert "instance: client (wgc0" in everything and "instance: server (tun0" in everything
+
+    # the unmodified wg, as root: both instances, their keys (root sees the private key)
+    assert sorted(wg(box, "show", "interfaces").split()) == sorted(["tun0", CLIENT_IF])
+    assert "peer: " + wgkeys.encode_key(keys.client_pub) in wg(box, "show")
+    dump = [line.split("\t") for line in wg(box, "show", "tun0", "dump").splitlines()]
+    assert dump[0][:3] == [wgkeys.encode_key(keys.server), wgkeys.encode_key(keys.server_pub),
+                           "9090"]
+    public, psk, endpoint, allowed, handshake = dump[1][:5]
+    assert (public, psk, endpoint, allowed) == (peer["public_key"], "(none)", peer["endpoint"],
+                                                ",".join(peer["allowed_ips"]))
+    assert int(handshake) == peer["latest_handshake"]
+    client_dump = wg(box, "show", CLIENT_IF, "dump").splitlines()
+    assert client_dump[1].startswith(wgkeys.encode_key(keys.server_pub) + "\t")
+
+    # how: root's link in root's /run/wireguard to the socket in the RuntimeDirectory
+    assert lstat(box, "/run/wireguard")[:3] == ["directory", "root", "755"]
+    for ifname, name in (("tun0", "server"), (CLIENT_IF, "client")):
+        assert lstat(box, f"/run/wireguard/{ifname}.sock") == \
+            ["symbolic link", "root", "777", f"/run/tunvpnd/{name}.uapi"]
+        for suffix in ("uapi", "sock"):
+            assert lstat(box, f"/run/tunvpnd/{name}.{suffix}")[:3] == ["socket", "tunvpnd", "600"]
+        assert not any("no WireGuard UAPI socket" in m or "no control socket" in m
+                       for m in messages(box, f"tunvpnd@{name}"))
+
+    box.systemctl("stop", "tunvpnd@client", "tunvpnd@server")
+    assert box.run(["ls", "-A", "/run/wireguard"]).stdout == ""
+    left = box.run(["ls", "-A", "/run/tunvpnd"]).stdout.split()
+    assert not [name for name in left if name.endswith((".sock", ".uapi"))], left
+    assert wg(box, "show", "interfaces").strip() == ""
+    assert tunvpnd(box, "show", "server", "--check", check=False).returncode == 3
+
+
+def test_a_crashed_wireguard_unit_is_relinked_and_wg_sees_the_new_run(box, tmp_path):
+    keys = Keys(tmp_path)
+    install_wireguard_pair(box, keys)
+    start_wireguard(box, "client")
+    pid = show(box, "tunvpnd@server", "MainPID")
+    box.run(["kill", "-9", pid])
+    wait_until(lambda: show(box, "tunvpnd@server", "NRestarts") == "1" and
+               show(box, "tunvpnd@server", "ActiveState") == "active", 20,
+               what="systemd to restart the server")
+    assert f"pid {show(box, 'tunvpnd@server', 'MainPID')})" in tunvpnd(box, "show", "server").stdout
+    assert "listening port: 9090" in wg(box, "show", "tun0")
+    assert lstat(box, "/run/wireguard/tun0.sock")[3] == "/run/tunvpnd/server.uapi"
+
+
+def test_wg_link_never_takes_a_name_another_program_answers_on(box, tmp_path):
+    """root's wireguard-go already runs an interface named tun0 (in another namespace): the
+    server unit's link step leaves wireguard-go's socket alone and says so; stopping the unit
+    does not remove it."""
+    keys = Keys(tmp_path)
+    install_wireguard_pair(box, keys)
+    in_netns(box, "lab-hostv", "wireguard-go", "tun0")
+    try:
+        box.systemctl("start", "tunvpnd@server")
+        assert lstat(box, "/run/wireguard/tun0.sock")[:2] == ["socket", "root"]
+        assert any("tun0.sock is in use by another process: left as is" in m
+                   for m in messages(box, "tunvpnd@server")), messages(box, "tunvpnd@server")
+        assert "listening port: 9090" not in wg(box, "show", "tun0")  # wireguard-go's
+        assert show(box, "tunvpnd@server", "ActiveState") == "active"
+        box.systemctl("stop", "tunvpnd@server")
+        assert lstat(box, "/run/wireguard/tun0.sock")[:2] == ["socket", "root"]
+    finally:
+        in_netns(box, "lab-hostv", "ip", "link", "del", "tun0", check=False)
+
+
+# -- tunvpnd wg-link alone (what the unit runs as root), on a private /run/wireguard -----------
+
+@pytest.fixture
+def linkdirs(tmp_path, monkeypatch):
+    """A run directory with instance `server`'s control socket (answering `ifname`) and UAPI
+    socket, and an empty stand-in for /run/wireguard."""
+    import socket
+    import threading
+
+    from tunvpnd import uapi
+
+    run, wgdir = tmp_path / "run", tmp_path / "wireguard"
+    run.mkdir()
+    monkeypatch.setattr(uapi, "SOCKET_DIR", wgdir)
+    answer = {"ifname": "tun0"}
+    control = socket.socket(socket.AF_UNIX)
+    control.bind(str(run / "server.sock"))
+    control.listen()
+    uapi_sock = socket.socket(socket.AF_UNIX)
+    uapi_sock.bind(str(run / "server.uapi"))
+    uapi_sock.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = control.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(64)
+                conn.sendall(json.dumps(answer).encode())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield run, wgdir, answer
+    control.shutdown(socket.SHUT_RDWR)
+    control.close()
+    uapi_sock.close()
+    thread.join(5)
+
+
+def test_wg_link_links_once_and_removes_only_its_own(linkdirs):
+    from tunvpnd import wglink
+
+    run, wgdir, _ = linkdirs
+    assert wglink.link(run, "server") == f"{wgdir}/tun0.sock -> {run}/server.uapi"
+    assert (wgdir.stat().st_mode & 0o777) == 0o755
+    assert wglink.link(run, "server").endswith("already")
+    (wgdir / "other.sock").symlink_to(run / "client.uapi")  # another instance's
+    assert wglink.unlink(run, "server") == [f"{wgdir}/tun0.sock"]
+    assert sorted(p.name for p in wgdir.iterdir()) == ["other.sock"]
+    assert wglink.unlink(run, "server") == []
+
+
+def test_wg_link_replaces_a_dangling_link_but_never_a_live_socket(linkdirs):
+    import socket
+
+    from tunvpnd import wglink
+
+    run, wgdir, _ = linkdirs
+    wgdir.mkdir()
+    (wgdir / "tun0.sock").symlink_to(run / "gone.uapi")
+    assert wglink.link(run, "server").endswith(f"-> {run}/server.uapi")
+    (wgdir / "tun0.sock").unlink()
+    with socket.socket(socket.AF_UNIX) as live:  # wireguard-go's tun0, say
+        live.bind(str(wgdir / "tun0.sock"))
+        live.listen()
+        with pytest.raises(OSError, match="in use by another process: left as is"):
+            wglink.link(run, "server")
+        assert (wgdir / "tun0.sock").is_socket() and not (wgdir / "tun0.sock").is_symlink()
+
+
+@pytest.mark.parametrize("ifname", ["../etc/x", "a b", "x" * 16, "..", "", 7])
+def test_wg_link_refuses_a_name_that_is_no_interface(linkdirs, ifname):
+    from tunvpnd import wglink
+
+    run, wgdir, answer = linkdirs
+    answer["ifname"] = ifname
+    with pytest.raises(OSError, match="not an interface name"):
+        wglink.link(run, "server")
+    assert not wgdir.exists() or list(wgdir.iterdir()) == []
+
+
+def test_wg_link_refuses_a_directory_others_can_write(linkdirs):
+    from tunvpnd import wglink
+
+    run, wgdir, _ = linkdirs
+    wgdir.mkdir()
+    wgdir.chmod(0o777)
+    with pytest.raises(OSError, match="not a directory that only root can write"):
+        wglink.link(run, "server")
+    assert list(wgdir.iterdir()) == []
+
+
+def test_wg_link_without_a_uapi_socket_does_nothing(linkdirs):
+    from tunvpnd import wglink
+
+    run, wgdir, _ = linkdirs
+    (run / "server.uapi").unlink()
+    assert wglink.link(run, "server").startswith("no ")
+    assert not wgdir.exists()

@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         "cleanup", help="undo what a crashed run of PROFILE left outside its TUN (the unit's "
         "ExecStopPost)")
     undo.add_argument("profile", help="the profile's path or instance name")
+    wglink = commands.add_parser(
+        "wg-link", help="as root, make /run/wireguard/IFNAME.sock lead to instance NAME's "
+        "WireGuard UAPI in the run directory, so that `wg` sees it (the unit's ExecStartPost)")
+    wglink.add_argument("name", help="the instance name")
+    wglink.add_argument("--remove", action="store_true", help="remove the links to it instead "
+                        "(the unit's ExecStopPost)")
     show_cmd = commands.add_parser("show", help="what running instances are doing (like `wg "
                                "show`)")
     show_cmd.add_argument("name", nargs="?", help="an instance name (default: every running one)")
@@ -76,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return action(args.prefix, wire=args.wire)
     if args.command == "cleanup":
         return cleanup(args.profile)
+    if args.command == "wg-link":
+        return wg_link(args.name, args.remove)
     if args.command == "show":
         return show(args.name, args.json, args.check, args.max_age)
     if args.command in ("genkey", "genpsk", "pubkey"):
@@ -85,6 +93,28 @@ def main(argv: list[str] | None = None) -> int:
 
         return import_command(args.config, args.name, args.out, args.force)
     return run_or_check(args.command, args.profile, args.config_dir)
+
+
+def wg_link(name: str, remove: bool) -> int:
+    """`tunvpnd wg-link [--remove] NAME`: 0 unless the name is bad; what it did or could not
+    do is one line (stdout, stderr), and `wg` not seeing an instance never fails its unit."""
+    from . import wglink
+    from .instance import InstanceError, instance_name, run_dir
+
+    try:
+        instance = instance_name(name)
+    except InstanceError as error:
+        _print_error(f"wg-link: {error}")
+        return 2
+    try:
+        if remove:
+            for path in wglink.unlink(run_dir(), instance):
+                print(f"removed {path}")
+        else:
+            print(wglink.link(run_dir(), instance))
+    except OSError as error:
+        _print_error(f"wg-link: {instance}: {error.strerror or error}")
+    return 0
 
 
 def cleanup(name: str) -> int:

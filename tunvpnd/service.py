@@ -6,6 +6,7 @@ forwarding is on and the socket is bound, so units ordered after us find a worki
 
 from __future__ import annotations
 
+import errno
 import gc
 import itertools
 import logging
@@ -294,11 +295,23 @@ class Daemon:
         if self.device is None:
             return
         path = uapi.socket_path(self.ifname)
+        hint = f"systemctl reload tunvpnd@{self.profile.name}"
+        protocol = uapi.Protocol(self._uapi_get, str(self.profile.path), hint)
         try:
-            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            hint = f"systemctl reload tunvpnd@{self.profile.name}"
-            self.servers.listen(path, uapi.Protocol(self._uapi_get, str(self.profile.path),
-                                                    hint), uapi.SET_LIMIT)
+            try:
+                path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                self.servers.listen(path, protocol, uapi.SET_LIMIT)
+            except OSError as error:
+                if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                # Under the unit /run/wireguard is root's: serve in our run directory, where
+                # the unit's `tunvpnd wg-link` (as root) links /run/wireguard/IFNAME.sock to.
+                from . import wglink
+
+                path = wglink.private_path(run_dir(), self.profile.name)
+                self.servers.listen(path, protocol, uapi.SET_LIMIT)
+                log.info("WireGuard UAPI socket %s (%s is not writable for us)", path,
+                         uapi.SOCKET_DIR)
         except OSError as error:  # control.SocketBusy: another live process holds the path
             log.warning("no WireGuard UAPI socket (wg will not see us): %s", error)
 
