@@ -44,14 +44,17 @@ def box():
     assert_host_same(before, host_snapshot(), sdbox.name)
 
 
-def install(box: SystemdBox) -> None:
-    """The units as shipped, the lab topology, and a drop-in per instance for its namespace."""
+def install(box: SystemdBox, internet: bool = False) -> None:
+    """The units as shipped, the lab topology, and a drop-in per instance for its namespace.
+    `internet`: the road warrior's world instead (Lab(internet=True): HostU behind a router,
+    an "internet" host beyond the server; no HostU2)."""
     box.write_file("/etc/systemd/system/tunvpnd@.service", UNIT.read_text())
     box.write_file("/etc/systemd/system/tunvpnd.target", TARGET.read_text())
     for instance, netns in NETNS.items():
         box.write_file(f"/etc/systemd/system/tunvpnd@{instance}.service.d/test-netns.conf",
                        f"[Service]\nNetworkNamespacePath=/run/netns/{netns}\n")
-    box.run([PYTHON, "-c", "from tunvpnd.lab import Lab; Lab('lab', extra_clients=1).up()"])
+    lab = "internet=True" if internet else "extra_clients=1"
+    box.run([PYTHON, "-c", f"from tunvpnd.lab import Lab; Lab('lab', {lab}).up()"])
     box.write_file("/etc/tunvpn/server.yaml", server_profile())
     box.write_file("/etc/tunvpn/client.yaml", client_profile())
     box.systemctl("daemon-reload")
@@ -591,6 +594,187 @@ def test_wg_link_never_takes_a_name_another_program_answers_on(box, tmp_path):
         assert lstat(box, "/run/wireguard/tun0.sock")[:2] == ["socket", "root"]
     finally:
         in_netns(box, "lab-hostv", "ip", "link", "del", "tun0", check=False)
+
+
+# -- issue 11: full tunnel and masquerade under the unit's hardening (CAP_NET_ADMIN only) ----
+
+INET4 = "203.0.113.80"  # the "internet" host beyond the server (Lab(internet=True))
+
+
+@pytest.fixture
+def ibox():
+    """A box with the road warrior's world (tests/test_fulltunnel.py's topology) in it."""
+    before = host_snapshot()
+    sdbox = SystemdBox("tvsd")
+    try:
+        sdbox.start()
+        install(sdbox, internet=True)
+        yield sdbox
+    finally:
+        sdbox.stop()
+    assert_host_same(before, host_snapshot(), sdbox.name)
+
+
+def assert_net_admin_only(box: SystemdBox, unit: str) -> None:
+    """The unit's process as the shipped hardening makes it: a dynamic user, CAP_NET_ADMIN only."""
+    proc = box.read_file(f"/proc/{show(box, unit, 'MainPID')}/status")
+    assert int(re.search(r"^Uid:\s+(\d+)", proc, re.M).group(1)) != 0
+    for name in ("CapEff", "CapBnd"):
+        found = int(re.search(rf"^{name}:\s+([0-9a-f]+)", proc, re.M).group(1), 16)
+        assert found == CAP_NET_ADMIN, f"{unit} {name} {found:x}"
+
+
+def policy_snapshot(box: SystemdBox, instance: str = "client") -> dict[str, list]:
+    """Every rule and every route of every table, both families, as `ip -j` shows them."""
+    found = {}
+    for family in ("-4", "-6"):
+        for what in (["rule"], ["route", "show", "table", "all"]):
+            out = in_netns(box, instance, "ip", "-j", family, *what).stdout
+            found[f"{family} {what[0]}"] = json.loads(out or "[]")
+    return found
+
+
+def assert_policy_as_before(box: SystemdBox, before: dict[str, list]) -> None:
+    after = policy_snapshot(box)
+    for key in before:
+        added = [e for e in after[key] if e not in before[key]]
+        gone = [e for e in before[key] if e not in after[key]]
+        assert after[key] == before[key], f"{key}: added {added}, gone {gone}"
+
+
+def our_rules(box: SystemdBox, instance: str = "client") -> list[dict]:
+    return [rule for family in ("-4", "-6")
+            for rule in json.loads(in_netns(box, instance, "ip", "-j", family, "rule").stdout)
+            if rule.get("protocol") in ("86", 86)]
+
+
+def capture_ping(box: SystemdBox, address: str) -> dict[str, int]:
+    """5 pings HostU -> `address` while tests/test_fulltunnel.py's capture counts, on HostU's
+    link, the tunnel's outer UDP datagrams and the inner packets seen in clear."""
+    from tests.test_fulltunnel import CAPTURE
+
+    # its box pid first; timeout(1) passes our SIGTERM on (and ends it after 60 s anyway)
+    capture = box.popen(["sh", "-c", 'echo $$; exec timeout -s TERM 60 "$@"', "sh",
+                         "ip", "netns", "exec", NETNS["client"], PYTHON, "-c", CAPTURE, "eth0",
+                         "9090", address], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = capture.stdout.readline().strip()
+        assert capture.stdout.readline().strip() == "capturing"
+        in_netns(box, "client", "ping", "-c", "5", "-i", "0.2", "-W", "2", address)
+        box.run(["kill", "-TERM", pid])
+        out, _ = capture.communicate(timeout=30)
+    finally:
+        if capture.poll() is None:
+            capture.kill()
+            capture.communicate()
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def install_full_tunnel(box: SystemdBox, wire: str, tmp_path) -> None:
+    from tests.test_fulltunnel import profiles
+
+    keys = Keys(tmp_path) if wire == "wireguard" else None
+    server, client = profiles(wire, keys)
+    if keys is not None:
+        write_key(box, "/etc/tunvpn/server.key", keys.server)
+        write_key(box, "/etc/tunvpn/client.key", keys.client)
+    box.write_file("/etc/tunvpn/server.yaml", server)
+    box.write_file("/etc/tunvpn/client.yaml", client)
+
+
+@pytest.mark.parametrize("wire", ["plain", "wireguard"])
+def test_full_tunnel_under_the_unit_and_stop_puts_every_rule_back(ibox, tmp_path, wire):
+    """`routes: [0.0.0.0/0]` under the shipped unit: SO_MARK on the socket and the policy rules
+    and table through netlink work with CAP_NET_ADMIN only; HostU reaches the internet host
+    only through the tunnel; a kill -9 is cleaned (ExecStopPost) and restarted by systemd;
+    `systemctl stop` leaves every rule and every table of HostU exactly as before."""
+    box = ibox
+    install_full_tunnel(box, wire, tmp_path)
+    before = policy_snapshot(box)
+    assert our_rules(box) == []
+    direct = capture_ping(box, INET4)  # without the tunnel: in clear (so the capture can fail)
+    assert direct["inner"] >= 10 and direct["outer"] == 0, direct
+    start_wireguard(box, "client") if wire == "wireguard" else start_tunnel(box)
+    rules = our_rules(box)
+    assert sorted(r["priority"] for r in rules) == [32764, 32765], rules
+    fwmark = {r.get("fwmark") for r in rules} - {None}
+    assert len(fwmark) == 1, rules
+    assert_net_admin_only(box, "tunvpnd@client")
+    tunneled = capture_ping(box, INET4)
+    assert tunneled["inner"] == 0 and tunneled["outer"] >= 10, tunneled
+    log = "\n".join(messages(box, "tunvpnd@client"))
+    assert "full tunnel for IPv4 only, but this host has global IPv6" in log  # fd08::5
+    assert "Traceback" not in log and "Operation not permitted" not in log
+
+    # kill -9: ExecStopPost's cleanup (the unit's user, CAP_NET_ADMIN) removes the dead run's
+    # rules, systemd restarts it, and the new run works
+    box.run(["kill", "-9", show(box, "tunvpnd@client", "MainPID")])
+    wait_until(lambda: show(box, "tunvpnd@client", "NRestarts") == "1" and
+               show(box, "tunvpnd@client", "ActiveState") == "active", 30,
+               what="systemd to restart the client")
+    assert any("undid what a crashed run left behind" in m and "rule 32764" in m
+               for m in messages(box, "tunvpnd@client")), messages(box, "tunvpnd@client")
+    assert sorted(r["priority"] for r in our_rules(box)) == [32764, 32765]
+    wait_until(lambda: in_netns(box, "client", "ping", "-c", "1", "-W", "1", INET4,
+                                check=False).returncode == 0, 30, what="the tunnel again")
+    tunneled = capture_ping(box, INET4)
+    assert tunneled["inner"] == 0 and tunneled["outer"] >= 10, tunneled
+
+    box.systemctl("stop", "tunvpnd@client")
+    assert show(box, "tunvpnd@client", "ExecMainStatus") == "0"
+    assert_policy_as_before(box, before)
+    in_netns(box, "client", "ping", "-c", "1", "-W", "2", INET4)  # the normal way again
+
+
+def nft_ruleset(box: SystemdBox, instance: str = "server") -> dict:
+    """The namespace's whole nftables ruleset, read through netlink (tests/nftread.py)."""
+    out = in_netns(box, instance, "env", f"PYTHONPATH={REPO}", PYTHON, "-m", "tests.nftread",
+                   "dump").stdout
+    return json.loads(out)
+
+
+def echo_source(box: SystemdBox) -> str:
+    """A TCP echo HostU -> HostV; the source address HostV saw."""
+    echo = box.run(["sh", "-c",
+                    f"ip netns exec lab-hostv {PYTHON} -m tunvpnd.lab echo-server 9000 & "
+                    f"sleep 0.5; ip netns exec lab-hostu {PYTHON} -m tunvpnd.lab echo-client "
+                    f"{HOSTV} 9000 20000; wait"], timeout=60)
+    assert "20000 bytes echoed back identical" in echo.stdout, echo.stdout + echo.stderr
+    line = next(x for x in echo.stdout.splitlines() if x.startswith("echoed 20000 bytes to "))
+    return line.split()[-1].rsplit(":", 1)[0].removeprefix("::ffff:")  # (a dual-stack server)
+
+
+def test_masquerade_under_the_unit_and_stop_removes_its_table(box):
+    """`masquerade: true` under the shipped unit: the nftables table made through netlink
+    (AF_NETLINK, CAP_NET_ADMIN); HostV, with no route back, answers HostU and sees the
+    server's LAN address; a kill -9 is cleaned and restarted; stop removes the table."""
+    in_netns(box, "lab-hostv", "ip", "route", "del", "192.168.53.0/24")
+    box.write_file("/etc/tunvpn/server.yaml", server_profile(extra="masquerade: true"))
+    before = nft_ruleset(box)
+    assert not any(table.startswith("tunvpnd_") for _, table in before["tables"]), before
+    start_tunnel(box)
+    assert [1, "tunvpnd_server"] in nft_ruleset(box)["tables"]
+    assert [1, "tunvpnd_server", "postrouting", 4, "nat"] in nft_ruleset(box)["chains"]
+    assert_net_admin_only(box, "tunvpnd@server")
+    assert echo_source(box) == "192.168.60.11"
+    ping(box)
+    log = "\n".join(messages(box, "tunvpnd@server"))
+    assert "Traceback" not in log and "Operation not permitted" not in log
+
+    box.run(["kill", "-9", show(box, "tunvpnd@server", "MainPID")])
+    wait_until(lambda: show(box, "tunvpnd@server", "NRestarts") == "1" and
+               show(box, "tunvpnd@server", "ActiveState") == "active", 30,
+               what="systemd to restart the server")
+    assert any("undid what a crashed run left behind" in m and "tunvpnd_server" in m
+               for m in messages(box, "tunvpnd@server")), messages(box, "tunvpnd@server")
+    assert [1, "tunvpnd_server"] in nft_ruleset(box)["tables"]
+    wait_until(lambda: in_netns(box, "client", "ping", "-c", "1", "-W", "1", HOSTV,
+                                check=False).returncode == 0, 30, what="the tunnel again")
+    assert echo_source(box) == "192.168.60.11"
+
+    box.systemctl("stop", "tunvpnd@server", "tunvpnd@client")
+    assert show(box, "tunvpnd@server", "ExecMainStatus") == "0"
+    assert nft_ruleset(box) == before
 
 
 # -- tunvpnd wg-link alone (what the unit runs as root), on a private /run/wireguard -----------
