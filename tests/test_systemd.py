@@ -5,7 +5,9 @@ drop-in `NetworkNamespacePath=` per instance (the client in HostU, client2 in Ho
 in the VPN server host), profiles in /etc/tunvpn, and the daemon as installed on the host
 (/usr/local/bin/tunvpnd, the venv under /opt/tunvpnd). Everything the unit's hardening forbids
 would fail here. Secure mode: wireguard profiles whose keys are root-only files in /etc/tunvpn,
-read by the DynamicUser through the unit's LoadCredential= lines only.
+read by the DynamicUser through the unit's LoadCredential= lines only. Issue 11: a full-tunnel
+client in the road warrior's world (Lab(internet=True), fixture `ibox`) and a masquerading
+server, both under the unchanged hardening.
 """
 
 from __future__ import annotations
