@@ -35,8 +35,8 @@ CAPTURE = textwrap.dedent("""
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     counts = {"outer": 0, "inner": 0}
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-    s.bind((ifname, 0))
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    s.bind((ifname, 3))
     print("capturing", flush=True)
     end = time.monotonic() + 120
     while not stop and time.monotonic() < end:

@@ -446,8 +446,8 @@ table inet mss_test {
 # In HostV: the first SYN to port 9000 that arrives on eth0 (IPv4 or IPv6), and its MSS.
 SYN_CAPTURE = r"""
 import socket, struct
-s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0003))
-s.bind(("eth0", 0x0003))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+s.bind(("eth0", 3))
 s.settimeout(60)
 print("ready", flush=True)
 while True:

@@ -666,9 +666,10 @@ def capture(ifname: str) -> None:
     """Run in a lab namespace: check every packet a daemon writes into its TUN `ifname` (one
     per datagram received, when the daemon runs without offloads) until stdin closes; print
     'checked N bad M'."""
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    # protocol 0 until bound: a socket made with ETH_P_ALL sees every link until bind()
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE
-    s.bind((ifname, 0))
+    s.bind((ifname, 3))
     print("ready", flush=True)
     checked, bad = 0, []
     while True:

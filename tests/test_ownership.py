@@ -74,14 +74,16 @@ def leftovers(daemon) -> list[str]:
 # -- item 1: routes it does not own ----------------------------------------------------------
 
 
-def test_default_route_via_the_server_is_neither_taken_nor_deleted(lab, daemons):
+def test_a_route_someone_else_made_is_neither_taken_nor_deleted(lab, daemons):
+    """(A full tunnel's 0.0.0.0/0 lives in a table of its own and never meets the main
+    table's default route: tests/test_fulltunnel.py.)"""
     ipv6_underlay(lab)
-    in_ns(lab, "hostu", ["ip", "route", "add", "default", "via", "10.9.0.11"])
+    in_ns(lab, "hostu", ["ip", "route", "add", "172.16.0.0/16", "via", "10.9.0.11"])
     before = main_routes(lab, "hostu")
-    client = daemons(lab, "hostu", v6_client("0.0.0.0/0, 192.168.60.0/24"), wait=False)
+    client = daemons(lab, "hostu", v6_client("172.16.0.0/16, 192.168.60.0/24"), wait=False)
     log = refused(client)
-    assert ("route 0.0.0.0/0 dev tun0: 0.0.0.0/0 via 10.9.0.11 dev eth0 proto boot exists "
-            "already (not ours)") in log
+    assert ("route 172.16.0.0/16 dev tun0: 172.16.0.0/16 via 10.9.0.11 dev eth0 proto boot "
+            "exists already (not ours)") in log
     assert main_routes(lab, "hostu") == before  # nothing added either (192.168.60.0/24)
     assert tun_links(lab, "hostu") == [] and leftovers(client) == []
 
@@ -118,10 +120,10 @@ def test_second_instance_does_not_take_the_first_ones_route(lab, daemons):
 
 def test_reload_skips_routes_it_does_not_own_and_applies_the_rest(lab, daemons):
     ipv6_underlay(lab)
-    in_ns(lab, "hostu", ["ip", "route", "add", "default", "via", "10.9.0.11"])
+    in_ns(lab, "hostu", ["ip", "route", "add", "172.16.0.0/16", "via", "10.9.0.11"])
     before = main_routes(lab, "hostu")
     client = daemons(lab, "hostu", v6_client("192.168.60.0/24"))
-    client.profile.write_text(v6_client("192.168.60.0/24, 10.9.0.0/24, 0.0.0.0/0, "
+    client.profile.write_text(v6_client("192.168.60.0/24, 10.9.0.0/24, 172.16.0.0/16, "
                                         "192.168.70.0/24"))
     mark = len(client.fields())
     client.signal(signal.SIGHUP)
@@ -129,8 +131,8 @@ def test_reload_skips_routes_it_does_not_own_and_applies_the_rest(lab, daemons):
     log = client.log()
     assert ("reload: skipped route 10.9.0.0/24 dev tun0: 10.9.0.0/24 dev eth0 proto kernel"
             in log), log
-    assert ("reload: skipped route 0.0.0.0/0 dev tun0: 0.0.0.0/0 via 10.9.0.11 dev eth0 "
-            "proto boot exists already (not ours)") in log
+    assert ("reload: skipped route 172.16.0.0/16 dev tun0: 172.16.0.0/16 via 10.9.0.11 dev "
+            "eth0 proto boot exists already (not ours)") in log
     assert our_routes(lab, "hostu") == ["192.168.60.0/24 dev tun0", "192.168.70.0/24 dev tun0"]
     assert main_routes(lab, "hostu", but_dev="tun0") == before  # during the run
     assert client.stop() == 0

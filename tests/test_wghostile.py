@@ -63,7 +63,7 @@ def _lines_done(stdin_fd: int) -> bool:
 
 def _capture_socket(ifname: str = "eth0") -> socket.socket:
     # ETH_P_ALL: only such sockets see outgoing packets too
-    raw = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(3))
+    raw = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
     raw.bind((ifname, 3))
     return raw
 

@@ -49,10 +49,10 @@ def capture() -> None:
     for ifname in ("eth0", "tun0"):
         # SOCK_RAW (the vnet header needs it): an Ethernet frame on eth0, the bare IP packet
         # on tun0, which has no link-layer header
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE: nothing lost
         s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
-        s.bind((ifname, 0))
+        s.bind((ifname, 3))
         socks[s] = ifname
     found = {"datagrams": 0, "gso_sends": 0, "gso_datagrams": 0, "max_segments": 0,
              "not_transport": 0, "tun_writes": 0, "tun_super": 0, "tun_max_size": 0}

@@ -172,7 +172,7 @@ def test_a_server_with_two_addresses_answers_the_handshake_from_the_one_asked(
 REPLAYER = r"""
 import socket, struct, sys
 # ETH_P_ALL: only such sockets see outgoing packets
-raw = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(3))
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
 raw.bind(("eth0", 3))
 raw.settimeout(20)
 print("ready", flush=True)

@@ -155,7 +155,7 @@ def no_traceback(*daemons) -> None:
 SNIFFER = r"""
 import json, socket, struct, sys, time
 new, want, timeout = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-raw = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(3))   # ETH_P_ALL
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)   # ETH_P_ALL
 raw.bind(("eth0", 3))
 raw.settimeout(0.5)
 print("ready", flush=True)
@@ -198,7 +198,7 @@ def sniff_ports(lab, new_port: int, want: int = 5, timeout: float = 30):
 # response) crossing eth0, with its direction and time, for at most argv[1] seconds.
 HANDSHAKE_SNIFFER = r"""
 import json, socket, sys, time
-raw = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(3))   # ETH_P_ALL
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)   # ETH_P_ALL
 raw.bind(("eth0", 3))
 raw.settimeout(0.5)
 print("ready", flush=True)

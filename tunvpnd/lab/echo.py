@@ -32,7 +32,8 @@ def echo_server(port: int, once: bool = True, timeout: float = 60.0) -> int:
                 while data := conn.recv(65536):
                     conn.sendall(data)
                     total += len(data)
-            print(f"echoed {total} bytes to {peer[0]}:{peer[1]}", flush=True)
+            host = peer[0].removeprefix("::ffff:")  # an IPv4 client of the dual-stack socket
+            print(f"echoed {total} bytes to {host}:{peer[1]}", flush=True)
             if once:
                 return 0
 

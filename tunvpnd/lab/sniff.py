@@ -56,8 +56,8 @@ def sniff(ifname: str, port: int, pattern: bytes) -> dict[str, int]:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, _frame: stop.append(number))
     counts = {"frames": 0, "with_pattern": 0}
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)) as sock:
-        sock.bind((ifname, 0))
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as sock:
+        sock.bind((ifname, ETH_P_ALL))  # bound with its protocol: nothing from other links
         print(f"capturing on {ifname}", flush=True)
         deadline = time.monotonic() + MAX_SECONDS
         while not stop and time.monotonic() < deadline:
