@@ -26,6 +26,9 @@ from tunvpnd.lab import wait_until
 from tunvpnd.wireguard import keys as wgkeys
 
 UNIT = REPO / "systemd" / "tunvpnd@.service"
+# The checkout, bound read-only into the box for the test helpers run there (tests.nftread):
+# the box has a /tmp of its own, and CI may clone the repo anywhere, /tmp included.
+BOX_REPO = "/srv/tunvpnd-checkout"
 TARGET = REPO / "systemd" / "tunvpnd.target"
 PYTHON = "/opt/tunvpnd/bin/python"
 HOSTV = "192.168.60.5"
@@ -36,7 +39,7 @@ CAP_NET_ADMIN = 1 << 12
 @pytest.fixture
 def box():
     before = host_snapshot()
-    sdbox = SystemdBox("tvsd")
+    sdbox = SystemdBox("tvsd", binds={str(REPO): BOX_REPO})
     try:
         sdbox.start()
         install(sdbox)
@@ -607,7 +610,7 @@ INET4, INET6 = "203.0.113.80", "fd13::80"  # the "internet" host (Lab(internet=T
 def ibox():
     """A box with the road warrior's world (tests/test_fulltunnel.py's topology) in it."""
     before = host_snapshot()
-    sdbox = SystemdBox("tvsd")
+    sdbox = SystemdBox("tvsd", binds={str(REPO): BOX_REPO})
     try:
         sdbox.start()
         install(sdbox, internet=True)
@@ -740,7 +743,7 @@ def test_full_tunnel_under_the_unit_and_stop_puts_every_rule_back(ibox, tmp_path
 
 def nft_ruleset(box: SystemdBox, instance: str = "server") -> dict:
     """The namespace's whole nftables ruleset, read through netlink (tests/nftread.py)."""
-    out = in_netns(box, instance, "env", f"PYTHONPATH={REPO}", PYTHON, "-m", "tests.nftread",
+    out = in_netns(box, instance, "env", f"PYTHONPATH={BOX_REPO}", PYTHON, "-m", "tests.nftread",
                    "dump").stdout
     return json.loads(out)
 
@@ -782,7 +785,7 @@ def test_masquerade_under_the_unit_and_stop_removes_its_table(box, tmp_path, wir
     assert "Traceback" not in log and "Operation not permitted" not in log
 
     # `nft flush ruleset` while it runs: the daemon's check (every 5 s) makes it again
-    in_netns(box, "server", "env", f"PYTHONPATH={REPO}", PYTHON, "-m", "tests.nftread", "flush")
+    in_netns(box, "server", "env", f"PYTHONPATH={BOX_REPO}", PYTHON, "-m", "tests.nftread", "flush")
     flushed = time.monotonic()
     wait_until(lambda: [1, "tunvpnd_server"] in nft_ruleset(box)["tables"], 15,
                interval=0.2, what="the table made again")
