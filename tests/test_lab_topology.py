@@ -173,10 +173,16 @@ def test_stale_lab_is_replaced_by_up() -> None:
     try:
         old.up()
         stale = old.spawn("hostu", ["sleep", "300"])
-        old_inode = os.stat(f"/var/run/netns/{prefix}-hostu").st_ino
-        new.up()                                  # without old.down()
-        assert stale.wait(timeout=5) is not None
-        assert os.stat(f"/var/run/netns/{prefix}-hostu").st_ino != old_inode
+        # an fd holds the old namespace alive, so the kernel cannot give its inode number to
+        # the new one (seen once in CI: "assert 4026532400 != 4026532400")
+        held = os.open(f"/var/run/netns/{prefix}-hostu", os.O_RDONLY)
+        try:
+            old_inode = os.fstat(held).st_ino
+            new.up()                                  # without old.down()
+            assert stale.wait(timeout=5) is not None
+            assert os.stat(f"/var/run/netns/{prefix}-hostu").st_ino != old_inode
+        finally:
+            os.close(held)
         assert ping(new, "hostu2", "10.9.0.11").returncode == 0
         assert ping(new, "server", "192.168.60.5").returncode == 0
     finally:
