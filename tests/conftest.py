@@ -286,6 +286,12 @@ def server_profile(address: str = "192.168.53.1/24", extra: str = "") -> str:
     return SERVER.format(address=address, extra=extra)
 
 
+def rss_kib(pid: int) -> int:
+    """VmRSS of a process, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
 @pytest.fixture
 def wggo_factory(lab, tmp_path):
     """Start wireguard-go with `wggo_factory(role)` (in `lab`, or `on=` another lab); every

@@ -17,7 +17,7 @@ from ipaddress import IPv4Network
 
 import pytest
 
-from tests.conftest import client_profile, in_ns, ip_json, ping
+from tests.conftest import client_profile, in_ns, ip_json, ping, rss_kib
 from tunvpnd.core import Core
 from tunvpnd.lab import wait_until
 from tunvpnd.peers import PeerTable
@@ -77,11 +77,6 @@ print("sent", count, flush=True)
 def peers_in(status: str) -> int:
     match = STATUS_RE.match(status)
     return int(match.group(1)) if match else -1
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 def drops(status: str) -> dict[str, int]:

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pyroute2 import netns
 
-from tests.conftest import client_profile, ping, server_profile
+from tests.conftest import client_profile, ping, rss_kib, server_profile
 from tests.test_reload import reload
 from tests.test_show import show_json, wg_profiles
 from tests.test_show import uapi_cleanup as uapi_cleanup  # a fixture, used by name
@@ -249,11 +249,7 @@ def test_hostile_http_clients_cannot_stall_forwarding(lab, daemons):
     ping(lab, "hostu", HOSTV, count=1)
     scrape(lab, "server")  # rendered once: what a first scrape allocates is not growth
 
-    def rss() -> int:
-        with open(f"/proc/{server.pid}/status") as status:
-            return int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1))
-
-    before = rss()
+    before = rss_kib(server.pid)
     pinger = lab.spawn("hostu", ["ping", "-c", "100", "-i", "0.1", "-W", "1", HOSTV],
                        stdout=subprocess.PIPE, text=True)
     held = []
@@ -302,7 +298,7 @@ def test_hostile_http_clients_cannot_stall_forwarding(lab, daemons):
             pinger.communicate()
         for sock in held:
             sock.close()
-    assert rss() - before < 8 * 1024, (before, rss())  # kB
+    assert rss_kib(server.pid) - before < 8 * 1024, (before, rss_kib(server.pid))  # kB
     ping(lab, "hostu", HOSTV, count=2)
     assert "tunvpnd_up" in scrape(lab, "server")
 

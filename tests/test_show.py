@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import client_profile, ping, server_profile, unique
+from tests.conftest import client_profile, ping, rss_kib, server_profile, unique
 from tests.test_reload import reload
 from tests.test_wgtunnel import HOSTV, Keys, client_text, server_text
 from tunvpnd.lab import wait_until
@@ -240,11 +240,7 @@ def test_hostile_clients_cannot_stall_forwarding(lab, daemons):
     ping(lab, "hostu", HOSTV, count=1)
     path = str(server.run_dir / "server.sock")
 
-    def rss() -> int:
-        with open(f"/proc/{server.pid}/status") as status:
-            return int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1))
-
-    before = rss()
+    before = rss_kib(server.pid)
     pinger = lab.spawn("hostu", ["ping", "-c", "40", "-i", "0.1", "-W", "1", HOSTV],
                        stdout=subprocess.PIPE, text=True)
     held = []
@@ -288,7 +284,7 @@ def test_hostile_clients_cannot_stall_forwarding(lab, daemons):
             pinger.communicate()
         for sock in held:
             sock.close()
-    assert rss() - before < 8 * 1024, (before, rss())  # kB
+    assert rss_kib(server.pid) - before < 8 * 1024, (before, rss_kib(server.pid))  # kB
     assert show(server, "server", "--check").returncode == 0
     ping(lab, "hostu", HOSTV, count=2)
 

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tests.conftest import in_ns, ping, unique
+from tests.conftest import in_ns, ping, rss_kib, unique
 from tests.test_show import show, show_json
 from tests.test_wgtunnel import (
     HAVE_WG,
@@ -263,11 +263,7 @@ def test_hostile_uapi_clients(lab, daemons, sockdir, ifnames):
     daemons(lab, "hostu", client_text(keys), name="client")
     ping(lab, "hostu", HOSTV, count=1)
 
-    def rss() -> int:
-        with open(f"/proc/{server.pid}/status") as status:
-            return int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1))
-
-    before = rss()
+    before = rss_kib(server.pid)
     pinger = lab.spawn("hostu", ["ping", "-c", "40", "-i", "0.1", "-W", "1", HOSTV],
                        stdout=subprocess.PIPE, text=True)
     held = []
@@ -310,7 +306,7 @@ def test_hostile_uapi_clients(lab, daemons, sockdir, ifnames):
             pinger.communicate()
         for sock in held:
             sock.close()
-    assert rss() - before < 8 * 1024, (before, rss())
+    assert rss_kib(server.pid) - before < 8 * 1024, (before, rss_kib(server.pid))
     assert "Traceback" not in server.log()
 
 
