@@ -107,7 +107,8 @@ class Forwarder:
             self._segments = memoryview(bytearray(2 * SUPER))
             self._batch = DatagramBatch(self._send_batch)
             both_uso = TUN_F_USO4 | TUN_F_USO6
-            self._coalescer = Coalescer(self._write_tun, udp=tun_offloads & both_uso == both_uso)
+            self._coalescer = Coalescer(self._write_tun, udp=tun_offloads & both_uso == both_uso,
+                                        verify=not core.wire.authenticated)
 
     def describe_offloads(self) -> str:
         if not self.offloads:

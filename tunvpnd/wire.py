@@ -20,6 +20,9 @@ class Wire(Protocol):
     name: str
     overhead: int  # bytes added to each packet; the default MTU leaves room for 32
     now: float     # monotonic seconds, set by the loop once per wake-up
+    # open() proves each packet is exactly what the peer sent (the fast path then trusts its
+    # checksums, as Linux's WireGuard does)
+    authenticated: bool
     # datagrams the wire wants sent, (payload, endpoint, local): the loop sends and clears them
     # after each pump and each tick (handshakes, cookie replies, keepalives, staged packets);
     # `local` is a `local` that open() was given (send from that address), or None
@@ -65,6 +68,7 @@ class PlainWire:
 
     name = "plain"
     overhead = 0
+    authenticated = False
     now = 0.0
     outbox: list = []  # never filled: this wire has nothing of its own to send
 
@@ -103,6 +107,7 @@ class WireGuardWire:
     """
 
     name = "wireguard"
+    authenticated = True
     overhead = 32  # 16-byte header + 16-byte tag (padding to 16 bytes stays within the MTU)
 
     def __init__(self, device: Device) -> None:
