@@ -77,7 +77,10 @@ class Device:
         self.identity = noise.StaticIdentity(private_key)
         self.public_key = self.identity.public
         self.wall_offset = wall_offset
-        self.rng = rng or random.SystemRandom()
+        self.rng = rng or random.SystemRandom()        # indices: unpredictable, as crypto/rand
+        # timer jitter: any spread will do (wireguard-go's fastrandn), and this one is drawn
+        # on most data packets (timersDataSent after each one received): no syscall for it
+        self.jitter = (rng or random.Random()).random
         self.cookie_checker = CookieChecker(self.public_key)
         self.rate_limiter = RateLimiter()
         self.peers: dict[bytes, Session] = {}

@@ -283,7 +283,7 @@ class Session:
     # -- timers ----------------------------------------------------------------------------
 
     def _jitter(self) -> float:
-        return self.device.rng.random() * REKEY_TIMEOUT_JITTER_MAX
+        return self.device.jitter() * REKEY_TIMEOUT_JITTER_MAX
 
     def tick(self, now: float) -> None:
         """Fire every timer whose deadline has passed (timers.go's expired* functions)."""
