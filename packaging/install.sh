@@ -11,9 +11,10 @@ APT="python3 python3-venv iproute2 iputils-ping ca-certificates"
 EXTRA=""
 if [ "${1:-}" = "--test" ]; then
     # python3-cryptography, python3-nacl and python3-prometheus-client: the .deb's Depends,
-    # installed with dpkg -i in a box that shares this root (tests/test_packaging.py)
+    # installed with dpkg -i in a box that shares this root (tests/test_packaging.py);
+    # nftables: its `nft` drops ICMP in a lab host (tests/test_mss.py; the daemon needs none)
     APT="$APT iperf3 openvpn wireguard-go wireguard-tools systemd util-linux procps groff-base
-         man-db python3-cryptography python3-nacl python3-prometheus-client"
+         man-db python3-cryptography python3-nacl python3-prometheus-client nftables"
     EXTRA="[test]"
 fi
 export DEBIAN_FRONTEND=noninteractive
