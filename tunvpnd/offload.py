@@ -241,10 +241,6 @@ class DatagramBatch:
             self.send(self.view[:length], self.size, count, self.endpoint)
 
 
-def _trusted(packet: memoryview) -> bool:
-    return True
-
-
 class Coalescer:
     """Merges consecutive in-order TCP segments of one flow (and, with `udp`, same-size UDP
     datagrams of one flow, at most MAX_SEGMENTS: the kernel refuses more) into one super-packet
@@ -266,8 +262,7 @@ class Coalescer:
                  udp: bool = False, verify: bool = True) -> None:
         self.write = write
         self.tcp, self.udp = tcp, udp  # what to merge
-        if not verify:
-            self._verify = _trusted  # type: ignore[method-assign]
+        self.verify = verify
         self.buf = bytearray(VNET_HDR_LEN + MAX_IP)
         self.view = memoryview(self.buf)
         self.count = 0        # packets in the buffer
@@ -306,7 +301,7 @@ class Coalescer:
             size = n - hl
             if (self.open and self.is_tcp and seq == self.next_seq and size <= self.gso_size
                     and self.length + size <= MAX_IP and key == self.key):
-                if not self._verify(packet):
+                if self.verify and not self._verify(packet):
                     return
                 start = VNET_HDR_LEN + self.length
                 self.buf[start:start + size] = packet[hl:]
@@ -330,7 +325,7 @@ class Coalescer:
             if (self.open and not self.is_tcp and size <= self.gso_size
                     and self.count < MAX_SEGMENTS and self.length + size <= MAX_IP
                     and key == self.key):
-                if not self._verify(packet):
+                if self.verify and not self._verify(packet):
                     return
                 start = VNET_HDR_LEN + self.length
                 self.buf[start:start + size] = packet[ihl + 8:]
