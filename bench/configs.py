@@ -15,8 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from measure import wait_reachable
 
 from tunvpnd.lab import Lab, wait_until
 
@@ -507,3 +511,22 @@ def all_configs(baseline_checkout: Path | None = None, metrics: bool = False) ->
 
 
 CONFIG_NAMES = [c.name for c in all_configs()]
+
+
+@contextlib.contextmanager
+def running(tunnel: Tunnel, prefix: str) -> Iterator[Lab]:
+    """`tunnel` up in a fresh lab named `prefix`, HostV reachable through it; afterwards the
+    tunnel stopped and the lab torn down, whatever happened."""
+    lab = Lab(prefix)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix[:3]))  # short: AF_UNIX paths are limited
+    try:
+        lab.up()
+        tunnel.start(lab, workdir)
+        wait_reachable(lab)
+        yield lab
+    finally:
+        try:
+            tunnel.stop()
+        finally:
+            lab.down()
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -24,20 +24,15 @@ from __future__ import annotations
 import argparse
 import os
 import select
-import shutil
 import socket
 import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from configs import Tunvpnd, TunvpndWireGuard, WireGuardGo
-from measure import ping_rtts, wait_reachable
-
-from tunvpnd.lab import Lab
+from configs import Tunvpnd, TunvpndWireGuard, WireGuardGo, running
+from measure import ping_rtts
 
 CONFIGS = {"tunvpnd": Tunvpnd, "tunvpnd-wireguard": TunvpndWireGuard,
            "wireguard-go": WireGuardGo}
@@ -102,41 +97,35 @@ def hops(lines: list[str], tunnel_if: str, wire_if: str) -> tuple[list[float], l
 
 def measure(name: str, pings: int) -> dict[str, float]:
     tunnel = CONFIGS[name]()
-    lab = Lab(f"tvh{os.getpid()}")
-    workdir = Path(tempfile.mkdtemp(prefix="tvh"))
-    captures: list[subprocess.Popen] = []
-    try:
-        lab.up()
-        tunnel.start(lab, workdir)
-        wait_reachable(lab)
+    with running(tunnel, f"tvh{os.getpid()}") as lab:
         ping_rtts(lab, 20)                                  # every code path used once
         ifnames = getattr(tunnel, "ifnames", {"hostu": "tun0", "server": "tun0"})
         seconds = pings * 0.012 + 3
-        for role in ("hostu", "server"):
-            captures.append(lab.spawn(role, [sys.executable, __file__, "--capture",
-                                             ifnames[role], "eth0", str(seconds)],
-                                      stdout=subprocess.PIPE, text=True))
-        for c in captures:
-            if c.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"{name}: a capture did not start")
-        rtts = ping_rtts(lab, pings)
-        result = {"ping": statistics.median(rtts) * 1e3}      # ms -> us
-        for role, c in zip(("hostu", "server"), captures, strict=True):
-            out, _ = c.communicate(timeout=seconds + 10)
-            to_wire, to_tun = hops(out.splitlines()[1:], ifnames[role], "eth0")
-            for label, delays in (("TUN -> wire", to_wire), ("wire -> TUN", to_tun)):
-                if len(delays) < pings // 2:
-                    raise RuntimeError(f"{name} {role} {label}: {len(delays)} of {pings} seen")
-                result[f"{role} {label}"] = statistics.median(delays) * 1e6
-        return result
-    finally:
-        for c in captures:
-            if c.poll() is None:
-                c.kill()
-            c.wait(timeout=5)
-        tunnel.stop()
-        lab.down()
-        shutil.rmtree(workdir, ignore_errors=True)
+        captures: list[subprocess.Popen] = []
+        try:
+            for role in ("hostu", "server"):
+                captures.append(lab.spawn(role, [sys.executable, __file__, "--capture",
+                                                 ifnames[role], "eth0", str(seconds)],
+                                          stdout=subprocess.PIPE, text=True))
+            for c in captures:
+                if c.stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"{name}: a capture did not start")
+            rtts = ping_rtts(lab, pings)
+            result = {"ping": statistics.median(rtts) * 1e3}      # ms -> us
+            for role, c in zip(("hostu", "server"), captures, strict=True):
+                out, _ = c.communicate(timeout=seconds + 10)
+                to_wire, to_tun = hops(out.splitlines()[1:], ifnames[role], "eth0")
+                for label, delays in (("TUN -> wire", to_wire), ("wire -> TUN", to_tun)):
+                    if len(delays) < pings // 2:
+                        raise RuntimeError(f"{name} {role} {label}: {len(delays)} of {pings} "
+                                           "seen")
+                    result[f"{role} {label}"] = statistics.median(delays) * 1e6
+            return result
+        finally:
+            for c in captures:
+                if c.poll() is None:
+                    c.kill()
+                c.wait(timeout=5)
 
 
 ROWS = ("hostu TUN -> wire", "server wire -> TUN", "server TUN -> wire", "hostu wire -> TUN")

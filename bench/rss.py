@@ -17,16 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-from configs import Tunvpnd, TunvpndWireGuard
-from measure import ping_rtts, status_kib, wait_reachable
-
-from tunvpnd.lab import Lab
+from configs import Tunvpnd, TunvpndWireGuard, running
+from measure import ping_rtts, status_kib
 
 # In the daemon's order: the interpreter, its profile, netlink, the daemon's own modules (a
 # plain daemon stops here), the secure wire's library, its first use, the WireGuard modules.
@@ -63,20 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for name in args.only.split(","):
         tunnel = Tunvpnd() if name == "tunvpnd" else TunvpndWireGuard()
-        lab = Lab(f"tvr{os.getpid()}")
-        workdir = Path(tempfile.mkdtemp(prefix="tvr"))
-        try:
-            lab.up()
-            tunnel.start(lab, workdir)
-            wait_reachable(lab)
+        with running(tunnel, f"tvr{os.getpid()}") as lab:
             ping_rtts(lab, args.pings)
             for role, pid in zip(("server", "client"), tunnel.pids(), strict=True):
                 print(f"{name:18} {role:6} VmRSS {status_kib(pid, 'VmRSS') / 1024:6.1f} MiB  "
                       f"VmHWM {status_kib(pid, 'VmHWM') / 1024:6.1f} MiB", flush=True)
-        finally:
-            tunnel.stop()
-            lab.down()
-            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
