@@ -16,7 +16,7 @@ from ipaddress import ip_address, ip_network
 import pytest
 
 from tests.conftest import client_profile, in_ns, server_profile
-from tests.fakesock import FakeSocket
+from tests.fakesock import FakeSocket, queued_reads
 from tests.ipcraft import checksum, ipv6
 from tests.test_offload import (
     ACK,
@@ -337,14 +337,7 @@ def test_tun_offload_syn_with_a_partial_checksum_leaves_complete_and_clamped(mon
     reads = [VNET_HDR.pack(F_NEEDS_CSUM, 0, 0, 0, 20 if addrs is V4IN else 40, 16)
              + bytes(partial(reply, TCP)), bytes(VNET_HDR_LEN) + reply]
 
-    def readv(fd, buffers):
-        if not reads:
-            raise BlockingIOError
-        data = reads.pop(0)
-        buffers[0][:len(data)] = data
-        return len(data)
-
-    monkeypatch.setattr(loop.os, "readv", readv)
+    monkeypatch.setattr(loop.os, "readv", queued_reads(reads))
     with open(os.devnull) as devnull:
         sock = Sent(devnull)
         core = plain_server()

@@ -21,7 +21,7 @@ import pytest
 from pyroute2 import IPRoute, netns
 
 from tests.conftest import REPO, client_profile, in_ns, server_profile
-from tests.fakesock import FakeSocket
+from tests.fakesock import FakeSocket, queued_reads
 from tests.ipcraft import checksum, icmp_echo, ipv4, ipv6
 from tests.test_netconf import in_ns as in_netns
 from tunvpnd import loop, tun
@@ -633,14 +633,7 @@ def test_pktinfo_batches_leave_from_each_peers_address(monkeypatch):
                                              else "192.168.53.98", seq=i)
              for i, c in enumerate(order)]
 
-    def readv(fd, buffers):
-        if not reads:
-            raise BlockingIOError
-        data = reads.pop(0)
-        buffers[0][:len(data)] = data
-        return len(data)
-
-    monkeypatch.setattr(loop.os, "readv", readv)
+    monkeypatch.setattr(loop.os, "readv", queued_reads(reads))
     with open(os.devnull) as devnull:
         sock = RecordingSocket(devnull)
         core = Core(table, PlainWire())
