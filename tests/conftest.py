@@ -7,6 +7,7 @@ STATUS=...), not on sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,16 +37,23 @@ def unique(prefix: str) -> str:
     return f"{prefix}{os.getpid() % 10000}{uuid.uuid4().hex[:4]}"
 
 
-@pytest.fixture
-def lab(request):
-    extra = getattr(request, "param", 0)
-    topology = Lab(unique("tvt"), extra_clients=extra)
+@contextlib.contextmanager
+def fresh_lab(prefix: str, **kwargs) -> Iterator[Lab]:
+    """A lab (Lab's keyword arguments) under a unique name made from `prefix`; torn down
+    afterwards, and not one of its namespaces left."""
+    topology = Lab(unique(prefix), **kwargs)
     topology.up()
     try:
         yield topology
     finally:
         topology.down()
         assert leftover_namespaces(topology.prefix) == []
+
+
+@pytest.fixture
+def lab(request):
+    with fresh_lab("tvt", extra_clients=getattr(request, "param", 0)) as topology:
+        yield topology
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ import textwrap
 
 import pytest
 
-from tests.conftest import in_ns, ping, unique
+from tests.conftest import fresh_lab, in_ns, ping
 from tests.test_reload import reload
 from tests.test_wgtunnel import Keys
-from tunvpnd.lab import Lab, leftover_namespaces
+from tunvpnd.lab import Lab
 from tunvpnd.profile import ProfileError, load_profile
 from tunvpnd.wireguard import keys as wgkeys
 
@@ -66,13 +66,8 @@ CAPTURE = textwrap.dedent("""
 
 
 def internet_lab():
-    topology = Lab(unique("tvf"), internet=True)
-    topology.up()
-    try:
+    with fresh_lab("tvf", internet=True) as topology:
         yield topology
-    finally:
-        topology.down()
-        assert leftover_namespaces(topology.prefix) == []
 
 
 ilab = pytest.fixture(internet_lab)

@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from tests.conftest import in_ns, ping, unique
+from tests.conftest import fresh_lab, in_ns, ping
 from tests.test_wginterop import WireguardGo
 from tests.test_wgtunnel import (
     HOSTV,
@@ -35,7 +35,7 @@ from tests.test_wgtunnel import (
     tcp_echo,
     wg_dump,
 )
-from tunvpnd.lab import Lab, leftover_namespaces, wait_until
+from tunvpnd.lab import wait_until
 from tunvpnd.wireguard import keys as wgkeys
 
 HOSTV6 = "fd60::5"
@@ -51,13 +51,8 @@ REKEY_PINGS = 660                       # 5/s: 132 s, past the 120 s rekey with 
 @pytest.fixture
 def lab2():
     """A second lab, beside `lab`, for the two rekey topologies run at once."""
-    topology = Lab(unique("tvw"))
-    topology.up()
-    try:
+    with fresh_lab("tvw") as topology:
         yield topology
-    finally:
-        topology.down()
-        assert leftover_namespaces(topology.prefix) == []
 
 
 def v6_text(text: str) -> str:
