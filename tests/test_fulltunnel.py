@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 
 import pytest
 
@@ -74,28 +75,43 @@ ilab = pytest.fixture(internet_lab)
 ilab2 = pytest.fixture(internet_lab, name="ilab2")    # a second one, beside it
 
 
-def snapshot(lab: Lab, role: str = "hostu") -> dict[str, list]:
-    """Every rule and every route of every table, both families, as `ip -j` shows them."""
+def policy(ip: Callable[..., str]) -> dict[str, list]:
+    """Every rule and every route of every table, both families, as `ip -j` shows them on a
+    host; `ip(*args)` is the output of `ip -j ARGS` there (lab_ip; test_systemd's box_ip)."""
     found = {}
     for family in ("-4", "-6"):
         for what in (["rule"], ["route", "show", "table", "all"]):
-            out = in_ns(lab, role, ["ip", "-j", family, *what]).stdout
-            found[f"{family} {what[0]}"] = json.loads(out or "[]")
+            found[f"{family} {what[0]}"] = json.loads(ip(family, *what) or "[]")
     return found
 
 
-def assert_as_before(lab: Lab, before: dict[str, list], role: str = "hostu") -> None:
-    after = snapshot(lab, role)
+def assert_same_policy(before: dict[str, list], after: dict[str, list]) -> None:
     for key in before:
         added = [e for e in after[key] if e not in before[key]]
         gone = [e for e in before[key] if e not in after[key]]
         assert after[key] == before[key], f"{key}: added {added}, gone {gone}"
 
 
-def ours(lab: Lab, role: str = "hostu") -> list[dict]:
-    return [rule for family in ("-4", "-6")
-            for rule in json.loads(in_ns(lab, role, ["ip", "-j", family, "rule"]).stdout)
+def rules_of_ours(ip: Callable[..., str]) -> list[dict]:
+    """The policy rules tunvpnd made (protocol 86), both families."""
+    return [rule for family in ("-4", "-6") for rule in json.loads(ip(family, "rule"))
             if rule.get("protocol") in ("86", 86)]
+
+
+def lab_ip(lab: Lab, role: str = "hostu") -> Callable[..., str]:
+    return lambda *args: in_ns(lab, role, ["ip", "-j", *args]).stdout
+
+
+def snapshot(lab: Lab, role: str = "hostu") -> dict[str, list]:
+    return policy(lab_ip(lab, role))
+
+
+def assert_as_before(lab: Lab, before: dict[str, list], role: str = "hostu") -> None:
+    assert_same_policy(before, snapshot(lab, role))
+
+
+def ours(lab: Lab, role: str = "hostu") -> list[dict]:
+    return rules_of_ours(lab_ip(lab, role))
 
 
 class Capture:

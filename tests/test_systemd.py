@@ -16,11 +16,13 @@ import json
 import re
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.conftest import REPO, client_profile, server_profile
 from tests.sdbox import SystemdBox, assert_host_same, host_snapshot
+from tests.test_fulltunnel import assert_same_policy, policy, rules_of_ours
 from tests.test_wgtunnel import Keys, client_text, server_text
 from tunvpnd.lab import wait_until
 from tunvpnd.wireguard import keys as wgkeys
@@ -36,17 +38,23 @@ NETNS = {"client": "lab-hostu", "client2": "lab-hostu2", "server": "lab-server"}
 CAP_NET_ADMIN = 1 << 12
 
 
-@pytest.fixture
-def box():
+def booted_box(internet: bool = False) -> Iterator[SystemdBox]:
+    """A booted box with the units and the lab in it (install()); stopped afterwards, and the
+    host found as it was before."""
     before = host_snapshot()
     sdbox = SystemdBox("tvsd", binds={str(REPO): BOX_REPO})
     try:
         sdbox.start()
-        install(sdbox)
+        install(sdbox, internet=internet)
         yield sdbox
     finally:
         sdbox.stop()
     assert_host_same(before, host_snapshot(), sdbox.name)
+
+
+@pytest.fixture
+def box():
+    yield from booted_box()
 
 
 def install(box: SystemdBox, internet: bool = False) -> None:
@@ -609,15 +617,7 @@ INET4, INET6 = "203.0.113.80", "fd13::80"  # the "internet" host (Lab(internet=T
 @pytest.fixture
 def ibox():
     """A box with the road warrior's world (tests/test_fulltunnel.py's topology) in it."""
-    before = host_snapshot()
-    sdbox = SystemdBox("tvsd", binds={str(REPO): BOX_REPO})
-    try:
-        sdbox.start()
-        install(sdbox, internet=True)
-        yield sdbox
-    finally:
-        sdbox.stop()
-    assert_host_same(before, host_snapshot(), sdbox.name)
+    yield from booted_box(internet=True)
 
 
 def assert_net_admin_only(box: SystemdBox, unit: str) -> None:
@@ -629,28 +629,9 @@ def assert_net_admin_only(box: SystemdBox, unit: str) -> None:
         assert found == CAP_NET_ADMIN, f"{unit} {name} {found:x}"
 
 
-def policy_snapshot(box: SystemdBox, instance: str = "client") -> dict[str, list]:
-    """Every rule and every route of every table, both families, as `ip -j` shows them."""
-    found = {}
-    for family in ("-4", "-6"):
-        for what in (["rule"], ["route", "show", "table", "all"]):
-            out = in_netns(box, instance, "ip", "-j", family, *what).stdout
-            found[f"{family} {what[0]}"] = json.loads(out or "[]")
-    return found
-
-
-def assert_policy_as_before(box: SystemdBox, before: dict[str, list]) -> None:
-    after = policy_snapshot(box)
-    for key in before:
-        added = [e for e in after[key] if e not in before[key]]
-        gone = [e for e in before[key] if e not in after[key]]
-        assert after[key] == before[key], f"{key}: added {added}, gone {gone}"
-
-
-def our_rules(box: SystemdBox, instance: str = "client") -> list[dict]:
-    return [rule for family in ("-4", "-6")
-            for rule in json.loads(in_netns(box, instance, "ip", "-j", family, "rule").stdout)
-            if rule.get("protocol") in ("86", 86)]
+def box_ip(box: SystemdBox, instance: str = "client") -> Callable[..., str]:
+    """`ip -j ARGS` in an instance's namespace of the box, for test_fulltunnel's policy()."""
+    return lambda *args: in_netns(box, instance, "ip", "-j", *args).stdout
 
 
 def capture_ping(box: SystemdBox, address: str) -> dict[str, int]:
@@ -700,13 +681,13 @@ def test_full_tunnel_under_the_unit_and_stop_puts_every_rule_back(ibox, tmp_path
     install_full_tunnel(box, wire, tmp_path, v6)
     targets = [INET4, INET6] if v6 else [INET4]
     priorities = [32764, 32764, 32765, 32765] if v6 else [32764, 32765]
-    before = policy_snapshot(box)
-    assert our_rules(box) == []
+    before = policy(box_ip(box))
+    assert rules_of_ours(box_ip(box)) == []
     for target in targets:  # without the tunnel: in clear (so the capture can fail)
         direct = capture_ping(box, target)
         assert direct["inner"] >= 10 and direct["outer"] == 0, direct
     start_wireguard(box, "client") if wire == "wireguard" else start_tunnel(box)
-    rules = our_rules(box)
+    rules = rules_of_ours(box_ip(box))
     assert sorted(r["priority"] for r in rules) == priorities, rules
     fwmark = {r.get("fwmark") for r in rules} - {None}
     assert len(fwmark) == 1, rules
@@ -727,7 +708,7 @@ def test_full_tunnel_under_the_unit_and_stop_puts_every_rule_back(ibox, tmp_path
                what="systemd to restart the client")
     assert any("undid what a crashed run left behind" in m and "rule 32764" in m
                for m in messages(box, "tunvpnd@client")), messages(box, "tunvpnd@client")
-    assert sorted(r["priority"] for r in our_rules(box)) == priorities
+    assert sorted(r["priority"] for r in rules_of_ours(box_ip(box))) == priorities
     wait_until(lambda: in_netns(box, "client", "ping", "-c", "1", "-W", "1", INET4,
                                 check=False).returncode == 0, 30, what="the tunnel again")
     for target in targets:
@@ -736,7 +717,7 @@ def test_full_tunnel_under_the_unit_and_stop_puts_every_rule_back(ibox, tmp_path
 
     box.systemctl("stop", "tunvpnd@client")
     assert show(box, "tunvpnd@client", "ExecMainStatus") == "0"
-    assert_policy_as_before(box, before)
+    assert_same_policy(before, policy(box_ip(box)))
     for target in targets:  # the normal way again
         in_netns(box, "client", "ping", "-c", "1", "-W", "2", target)
 
