@@ -301,6 +301,41 @@ def rss_kib(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
+@contextlib.contextmanager
+def pinging_through(lab: Lab, daemon: Daemon, pings: int) -> Iterator[list]:
+    """Around an attack on `daemon`'s sockets: HostU pings HostV `pings` times, 0.1 s apart,
+    all along. Yields a list for the sockets the body holds open, closed afterwards whatever
+    happened. Once the body is done: every ping answered, and the daemon's RSS grew by less
+    than 8 MiB."""
+    before = rss_kib(daemon.pid)
+    pinger = lab.spawn("hostu", ["ping", "-c", str(pings), "-i", "0.1", "-W", "1",
+                                 lab.addresses["hostv"]], stdout=subprocess.PIPE, text=True)
+    held: list = []
+    try:
+        yield held
+        out, _ = pinger.communicate(timeout=60)
+        assert pinger.returncode == 0 and " 0% packet loss" in out, out
+    finally:
+        if pinger.poll() is None:
+            pinger.kill()
+            pinger.communicate()
+        for sock in held:
+            sock.close()
+    assert rss_kib(daemon.pid) - before < 8 * 1024, (before, rss_kib(daemon.pid))  # KiB
+
+
+def sent_until_hung_up(sock: socket.socket, chunk: bytes, limit: int = 10 * 1024 * 1024) -> int:
+    """Send `chunk` again and again until the peer hangs up (EPIPE, ECONNRESET) or `limit`
+    bytes are out; how many were sent."""
+    sent = 0
+    try:
+        while sent < limit:
+            sent += sock.send(chunk)
+    except OSError:
+        pass
+    return sent
+
+
 @pytest.fixture
 def wggo_factory(lab, tmp_path):
     """Start wireguard-go with `wggo_factory(role)` (in `lab`, or `on=` another lab); every

@@ -15,12 +15,11 @@ import json
 import os
 import re
 import socket
-import subprocess
 import time
 
 import pytest
 
-from tests.conftest import in_ns, ping, rss_kib, unique
+from tests.conftest import in_ns, ping, pinging_through, sent_until_hung_up, unique
 from tests.test_show import show, show_json
 from tests.test_wgtunnel import (
     HAVE_WG,
@@ -263,11 +262,7 @@ def test_hostile_uapi_clients(lab, daemons, sockdir, ifnames):
     daemons(lab, "hostu", client_text(keys), name="client")
     ping(lab, "hostu", HOSTV, count=1)
 
-    before = rss_kib(server.pid)
-    pinger = lab.spawn("hostu", ["ping", "-c", "40", "-i", "0.1", "-W", "1", HOSTV],
-                       stdout=subprocess.PIPE, text=True)
-    held = []
-    try:
+    with pinging_through(lab, server, 40) as held:
         for _ in range(1000):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.setblocking(False)
@@ -284,29 +279,15 @@ def test_hostile_uapi_clients(lab, daemons, sockdir, ifnames):
         flood.connect(path)
         flood.settimeout(10)
         flood.sendall(b"set=1\n")
-        sent, chunk = 0, b"listen_port=1\n" * 4096
-        try:
-            while sent < 10 * 1024 * 1024:
-                sent += flood.send(chunk)
-        except OSError:
-            pass
+        sent = sent_until_hung_up(flood, b"listen_port=1\n" * 4096)
         assert sent < 10 * 1024 * 1024, "the daemon read 10 MB of a set=1"
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
             sock.connect(path)
             sock.sendall(b"get=1\n\n")
             assert sock.recv(65536).startswith(b"private_key=")
-        out, _ = pinger.communicate(timeout=60)
-        assert pinger.returncode == 0 and " 0% packet loss" in out, out
         slow.settimeout(15)
         assert slow.recv(100) == b""  # hung up on at the deadline
-    finally:
-        if pinger.poll() is None:
-            pinger.kill()
-            pinger.communicate()
-        for sock in held:
-            sock.close()
-    assert rss_kib(server.pid) - before < 8 * 1024, (before, rss_kib(server.pid))
     assert "Traceback" not in server.log()
 
 
